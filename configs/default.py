@@ -1,0 +1,94 @@
+"""Defaults shared by every recipe: the seed's training recipe on LinTUNet.
+
+Recipes (`unet.py`, `lintunet.py`) import this and change only what differs,
+so two recipes compare fairly by construction. Every field any part of the
+project reads is declared here, which makes `--config.a.b=value` overrides
+fail loudly on typos.
+
+Usage:
+  python train.py --config configs/lintunet.py --workdir /tmp/lintunet
+"""
+
+import ml_collections
+
+
+def get_model_config() -> ml_collections.ConfigDict:
+  """The model: a U-Net with an efficient-attention bottleneck."""
+  model = ml_collections.ConfigDict()
+  model.name = 'lintunet'  # 'unet' | 'lintunet'
+  model.width = 64  # channels of the first level; levels are w, 2w, 4w, 8w, 16w
+  model.in_channels = 1
+  model.num_classes = 1  # 1 = binary (sigmoid logits); >1 = softmax over classes
+  # 'float32' or 'bfloat16' compute; parameters always stay float32 and the
+  # attention softmax is always computed in float32.
+  model.dtype = 'float32'
+
+  attn = ml_collections.ConfigDict()
+  # 'dense' | 'linformer' | 'block_sparse' | 'linformer_block_sparse'
+  attn.kind = 'linformer_block_sparse'
+  attn.depth = 1
+  attn.heads = 1
+  attn.dim_head = ml_collections.config_dict.placeholder(int)  # None: dim // heads
+  attn.k = 64  # Linformer projected length
+  # Longest token sequence the Linformer projections cover; shorter sequences
+  # use the first rows (as the `linformer` package does). (image_size/16)**2.
+  attn.seq_len = 256
+  attn.share_kv = False
+  attn.ff_mult = 4
+  attn.dropout = 0.0
+  # Sparse pattern over the (H/16)x(W/16) grid of bottleneck tokens, written
+  # with the constructors of `lintunet_jax.masks` and combined with | and &.
+  attn.pattern = 'local_2d(radius=2)'
+  attn.block_size = 16  # query/key tile edge for the block-sparse layout
+  model.attention = attn
+  return model
+
+
+def get_dataset_config() -> ml_collections.ConfigDict:
+  """Where images come from and how they are shaped for the model."""
+  ds = ml_collections.ConfigDict()
+  ds.name = 'synthetic_mri'  # a TFDS builder name (ours or the catalogue's)
+  ds.data_dir = ml_collections.config_dict.placeholder(str)  # TFDS data_dir
+  ds.manual_dir = ml_collections.config_dict.placeholder(str)  # raw files
+  ds.train_split = 'train'
+  ds.eval_split = 'validation'
+  ds.test_split = 'test'
+  ds.image_size = 256  # model input is image_size x image_size
+  ds.resize = 'resize'  # 'resize' | 'pad' for sizes that differ
+  ds.channels = 1  # 1 = grayscale, 3 = RGB (converted as needed)
+  ds.normalization = 'unit'  # 'unit' (0..1) | 'standardize' (per image)
+  ds.augment = True  # train split only
+  ds.num_workers = 2
+  ds.prefetch = 2
+  ds.num_train_examples = ml_collections.config_dict.placeholder(int)  # subset
+  return ds
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.model = get_model_config()
+  config.dataset = get_dataset_config()
+
+  # The seed's recipe: Adam 1e-3, x0.1 every 10 epochs, clip 1.0, BCE, 40 ep.
+  config.seed = 0
+  config.batch_size = 32  # global, across all devices and hosts
+  config.eval_batch_size = 32
+  config.num_epochs = 40
+  config.num_train_steps = -1  # > 0 overrides num_epochs
+  config.loss = 'bce'  # 'bce' | 'dice' | 'bce_dice'
+  config.optimizer = 'adam'  # 'adam' | 'adamw'
+  config.learning_rate = 1e-3
+  config.weight_decay = 0.0  # used by adamw
+  config.schedule = 'step'  # 'step' | 'cosine' | 'constant'
+  config.step_every_epochs = 10
+  config.step_factor = 0.1
+  config.warmup_epochs = 0.0
+  config.grad_clip_norm = 1.0
+  config.threshold = 0.5  # probability threshold for binary masks
+
+  config.log_every_steps = 10
+  config.eval_every_steps = -1  # -1: once per epoch
+  config.checkpoint_every_steps = -1  # -1: once per epoch
+  config.keep_checkpoints = 3
+  config.distributed = False  # jax.distributed.initialize() before anything
+  return config

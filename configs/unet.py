@@ -1,0 +1,16 @@
+"""The U-Net baseline, on exactly LinTUNet's recipe (so they compare fairly).
+
+  python train.py --config configs/unet.py --workdir DIR
+  python train.py --config configs/unet.py:quick --workdir DIR
+
+Variants: (none) the seed's recipe at 256x256 (31,036,481 parameters);
+quick: the CPU-sized recipe of `lintunet.py:quick`, without attention.
+"""
+
+from configs import lintunet
+
+
+def get_config(variant: str = ''):
+  config = lintunet.get_config(variant)
+  config.model.name = 'unet'
+  return config

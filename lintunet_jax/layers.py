@@ -1,0 +1,75 @@
+"""U-Net building blocks, in the seed's order and with its names.
+
+The seed's DoubleConv is conv3x3 -> ReLU -> conv3x3 -> ReLU -> BatchNorm
+(normalising after the second activation, not after each conv as in the
+original U-Net paper); we keep that order so seed checkpoints convert
+exactly. Attribute names (conv1, conv2, norm, double_conv, upconv) match
+the PyTorch module names for the same reason. Everything is NHWC.
+
+BatchNorm uses PyTorch's conventions (momentum 0.1 in PyTorch's sense,
+i.e. 0.9 here; epsilon 1e-5). `bn_axis_name` names the device axis over
+which batch statistics are averaged in data-parallel training (synchronised
+BatchNorm), so N devices with B images each normalise exactly as one device
+with N*B images.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+BATCH_NORM_MOMENTUM = 0.9  # = 1 - PyTorch's momentum of 0.1
+BATCH_NORM_EPSILON = 1e-5
+
+
+class DoubleConv(nnx.Module):
+
+  def __init__(self, in_channels: int, out_channels: int, *, dtype=jnp.float32,
+               bn_axis_name: str | None = None, rngs: nnx.Rngs):
+    conv = dict(kernel_size=(3, 3), padding='SAME', dtype=dtype,
+                param_dtype=jnp.float32, rngs=rngs)
+    self.conv1 = nnx.Conv(in_channels, out_channels, **conv)
+    self.conv2 = nnx.Conv(out_channels, out_channels, **conv)
+    self.norm = nnx.BatchNorm(out_channels, momentum=BATCH_NORM_MOMENTUM,
+                              epsilon=BATCH_NORM_EPSILON, dtype=dtype,
+                              param_dtype=jnp.float32, axis_name=bn_axis_name,
+                              rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = jax.nn.relu(self.conv1(x))
+    x = jax.nn.relu(self.conv2(x))
+    return self.norm(x)
+
+
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+  """2x2 max-pool, stride 2 (floors odd sizes, as torch.nn.MaxPool2d(2))."""
+  return nnx.max_pool(x, window_shape=(2, 2), strides=(2, 2), padding='VALID')
+
+
+class Down(nnx.Module):
+  """Encoder level: returns (skip features, pooled features)."""
+
+  def __init__(self, in_channels: int, out_channels: int, **kwargs):
+    self.double_conv = DoubleConv(in_channels, out_channels, **kwargs)
+
+  def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    skip = self.double_conv(x)
+    return skip, max_pool_2x2(skip)
+
+
+class Up(nnx.Module):
+  """Decoder level: 2x upsampling to half the channels, concat skip, convs."""
+
+  def __init__(self, in_channels: int, out_channels: int, *, dtype=jnp.float32,
+               bn_axis_name: str | None = None, rngs: nnx.Rngs):
+    self.upconv = nnx.ConvTranspose(
+        in_channels, in_channels // 2, kernel_size=(2, 2), strides=(2, 2),
+        padding='VALID', dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+    self.double_conv = DoubleConv(in_channels // 2 + out_channels, out_channels,
+                                  dtype=dtype, bn_axis_name=bn_axis_name,
+                                  rngs=rngs)
+
+  def __call__(self, x: jax.Array, skip: jax.Array) -> jax.Array:
+    x = self.upconv(x)
+    return self.double_conv(jnp.concatenate([skip, x.astype(skip.dtype)], axis=-1))
