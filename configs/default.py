@@ -56,7 +56,7 @@ def get_dataset_config() -> ml_collections.ConfigDict:
   ds.image_size = 256  # model input is image_size x image_size
   ds.resize = 'resize'  # 'resize' | 'pad' for sizes that differ
   ds.channels = 1  # 1 = grayscale, 3 = RGB (converted as needed)
-  ds.normalization = 'unit'  # 'unit' (0..1) | 'standardize' (per image)
+  ds.normalization = 'unit'  # 'unit' (0..1) | 'standardize' (per image) | 'seed'
   ds.augment = True  # train split only
   ds.num_workers = 2
   ds.prefetch = 2
@@ -70,25 +70,38 @@ def get_config() -> ml_collections.ConfigDict:
   config.dataset = get_dataset_config()
 
   # The seed's recipe: Adam 1e-3, x0.1 every 10 epochs, clip 1.0, BCE, 40 ep.
-  config.seed = 0
+  # (docs/training.md describes every training field.)
+  config.seed = 0  # parameters, data order and augmentation, dropout
   config.batch_size = 32  # global, across all devices and hosts
-  config.eval_batch_size = 32
+  config.eval_batch_size = 32  # global; must also divide over the devices
   config.num_epochs = 40
   config.num_train_steps = -1  # > 0 overrides num_epochs
-  config.loss = 'bce'  # 'bce' | 'dice' | 'bce_dice'
-  config.optimizer = 'adam'  # 'adam' | 'adamw'
+  # 'bce' (sigmoid BCE on logits; softmax CE if num_classes > 1) | 'dice'
+  # (1 - soft Dice per image) | 'bce_dice' (their sum)
+  config.loss = 'bce'
+  config.optimizer = 'adam'  # 'adam' | 'adamw' (decoupled decay on kernels)
   config.learning_rate = 1e-3
   config.weight_decay = 0.0  # used by adamw
   config.schedule = 'step'  # 'step' | 'cosine' | 'constant'
-  config.step_every_epochs = 10
+  config.step_every_epochs = 10  # step schedule: x step_factor every N epochs
   config.step_factor = 0.1
-  config.warmup_epochs = 0.0
-  config.grad_clip_norm = 1.0
+  config.warmup_epochs = 0.0  # linear warm-up (any schedule), may be fractional
+  config.grad_clip_norm = 1.0  # global-norm clipping; <= 0: none
   config.threshold = 0.5  # probability threshold for binary masks
 
-  config.log_every_steps = 10
-  config.eval_every_steps = -1  # -1: once per epoch
-  config.checkpoint_every_steps = -1  # -1: once per epoch
-  config.keep_checkpoints = 3
-  config.distributed = False  # jax.distributed.initialize() before anything
+  config.log_every_steps = 10  # one 'train' record (mean loss) per N steps
+  config.eval_every_steps = -1  # -1: once per epoch (and always at the end)
+  config.checkpoint_every_steps = -1  # -1: once per epoch (also after evals, at the end)
+  config.keep_checkpoints = 3  # the last K ...
+  config.keep_best_checkpoints = 1  # ... plus the best N by validation IoU
+  config.async_checkpointing = True  # write checkpoints while training goes on
+  config.progress_bar = True  # tqdm bar on process 0 (step, loss, images/s, ETA)
+
+  # Multi-host: jax.distributed.initialize() before anything (also done when
+  # JAX_COORDINATOR_ADDRESS is set). None: JAX's auto-detection (Cloud TPU,
+  # SLURM, Open MPI); set all three for a hand-made cluster.
+  config.distributed = False
+  config.coordinator_address = ml_collections.config_dict.placeholder(str)  # 'host:port'
+  config.num_processes = ml_collections.config_dict.placeholder(int)
+  config.process_id = ml_collections.config_dict.placeholder(int)
   return config
