@@ -13,6 +13,10 @@ many non-empty key tiles they touch (rounded up a little to keep the number
 of groups small); each group becomes one batched gather-matmul whose size is
 proportional to its tiles. Rounding up adds PADDING tiles, which are masked
 out completely.
+
+The same tiles seen column by column (`kv_groups`) drive the backward pass:
+each key block gathers the query blocks that see it and computes its own
+gradient directly, so no gradient is ever scattered-and-added.
 """
 
 from __future__ import annotations
@@ -47,6 +51,23 @@ class TileGroup:
 
 
 @dataclasses.dataclass(frozen=True)
+class KVGroup:
+  """Key blocks seen by the same (padded) number of query blocks.
+
+  kv_blocks: int32 [G]        which key blocks are in the group.
+  q_blocks: int32 [G, R]      the query blocks that see each of them.
+  tile_index: int32 [G, R]    where each such tile sits in the flat tile
+                              order (the groups' tiles, group by group, row
+                              by row); `num_tiles` (one past the end) for
+                              padding, which points at an all-zero tile.
+  """
+
+  kv_blocks: np.ndarray
+  q_blocks: np.ndarray
+  tile_index: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
 class BlockLayout:
   """Tile classification of a mask for one sequence length and tile size."""
 
@@ -55,6 +76,12 @@ class BlockLayout:
   block_kv: int
   tiles: np.ndarray  # int8 [num_q_blocks, num_kv_blocks] of EMPTY/PARTIAL/FULL
   groups: tuple[TileGroup, ...]
+  kv_groups: tuple[KVGroup, ...] = ()
+
+  @property
+  def num_group_tiles(self) -> int:
+    """Tiles in the flat tile order of `groups`, padding included."""
+    return sum(g.num_tiles for g in self.groups)
 
   @property
   def padded_len(self) -> int:
@@ -136,6 +163,49 @@ def group_query_blocks(tiles: np.ndarray, max_waste: float = 0.25) -> tuple[Tile
   return tuple(groups)
 
 
+def group_key_blocks(groups: tuple[TileGroup, ...], num_kv_blocks: int,
+                     max_waste: float = 0.25) -> tuple[KVGroup, ...]:
+  """The tiles of `groups` seen from the key side (for the backward pass).
+
+  Key blocks are bucketed by how many query blocks see them, exactly as
+  `group_query_blocks` buckets query blocks; each entry names the query
+  block and the tile's position in the flat order of `groups`.
+  """
+  kv, q, index, offset = [], [], [], 0
+  for group in groups:
+    real = group.tile_state != PADDING
+    flat = offset + np.arange(group.num_tiles).reshape(group.kv_blocks.shape)
+    kv.append(group.kv_blocks[real])
+    q.append(np.broadcast_to(group.q_blocks[:, None], real.shape)[real])
+    index.append(flat[real])
+    offset += group.num_tiles
+  kv, q, index = (np.concatenate(x).astype(np.int64) if x else np.zeros(0, np.int64)
+                  for x in (kv, q, index))
+  by_kv = np.argsort(kv, kind='stable')  # keeps each column's rows in order
+  kv, q, index = kv[by_kv], q[by_kv], index[by_kv]
+  counts = np.bincount(kv, minlength=num_kv_blocks)
+  starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+  order = np.argsort(-counts, kind='stable')
+  buckets: list[list[int]] = []
+  for col in order:
+    if buckets and counts[col] * (1 + max_waste) >= counts[buckets[-1][0]]:
+      buckets[-1].append(int(col))
+    else:
+      buckets.append([int(col)])
+  kv_groups = []
+  for cols in buckets:
+    width = int(counts[cols[0]])
+    kv_blocks = np.array(sorted(cols), np.int32)
+    q_blocks = np.zeros((len(cols), width), np.int32)
+    tile_index = np.full((len(cols), width), offset, np.int32)
+    for g, col in enumerate(kv_blocks):
+      span = slice(starts[col], starts[col] + counts[col])
+      q_blocks[g, :counts[col]] = q[span]
+      tile_index[g, :counts[col]] = index[span]
+    kv_groups.append(KVGroup(kv_blocks, q_blocks, tile_index))
+  return tuple(kv_groups)
+
+
 @functools.lru_cache(maxsize=64)
 def block_layout(mask: masks_lib.Mask, seq_len: int, block_q: int,
                  block_kv: int | None = None) -> BlockLayout:
@@ -145,4 +215,6 @@ def block_layout(mask: masks_lib.Mask, seq_len: int, block_q: int,
     raise ValueError(f'need positive sizes, got seq_len={seq_len}, '
                      f'block_q={block_q}, block_kv={block_kv}')
   tiles = classify_tiles(mask, seq_len, block_q, block_kv)
-  return BlockLayout(seq_len, block_q, block_kv, tiles, group_query_blocks(tiles))
+  groups = group_query_blocks(tiles)
+  return BlockLayout(seq_len, block_q, block_kv, tiles, groups,
+                     group_key_blocks(groups, tiles.shape[1]))

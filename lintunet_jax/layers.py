@@ -58,6 +58,26 @@ class Down(nnx.Module):
     return skip, max_pool_2x2(skip)
 
 
+def upsample_2x2(upconv: nnx.ConvTranspose, x: jax.Array) -> jax.Array:
+  """`upconv(x)` for a 2x2, stride-2, VALID transposed conv, as one matmul.
+
+  Each input pixel writes its own 2x2 output patch (no overlap), so the
+  transposed conv is `x @ kernel` to 4 * out channels, then depth-to-space.
+  Same parameters and values as `nnx.ConvTranspose` (which, not transposing
+  the kernel, applies it flipped), but XLA:CPU's gradient of the conv form
+  (a whole-image window, rhs-dilated convolution) was 15-40x slower than
+  these matmuls and dominated the training step; see benchmarks/NOTES.md.
+  """
+  kernel, bias = upconv.kernel[...], upconv.bias[...] if upconv.bias is not None else None
+  dtype = upconv.dtype or jnp.result_type(x, kernel)
+  x, kernel = x.astype(dtype), kernel.astype(dtype)
+  b, h, w, _ = x.shape
+  y = jnp.einsum('bhwi,acio->bhawco', x, kernel[::-1, ::-1],
+                 precision=upconv.precision)
+  y = y.reshape(b, 2 * h, 2 * w, kernel.shape[-1])
+  return y if bias is None else y + bias.astype(dtype)
+
+
 class Up(nnx.Module):
   """Decoder level: 2x upsampling to half the channels, concat skip, convs."""
 
@@ -71,5 +91,5 @@ class Up(nnx.Module):
                                   rngs=rngs)
 
   def __call__(self, x: jax.Array, skip: jax.Array) -> jax.Array:
-    x = self.upconv(x)
+    x = upsample_2x2(self.upconv, x)
     return self.double_conv(jnp.concatenate([skip, x.astype(skip.dtype)], axis=-1))

@@ -1,0 +1,127 @@
+r"""Evaluate a trained workdir: metrics over a whole split, throughput, pictures.
+
+  python eval.py --workdir DIR [--checkpoint best|latest|STEP] [--split test] \
+      [--report PATH] [--compare DIR2] [--config configs/x.py[:variant]]
+
+Restores the checkpoint and the config saved with it (`--config` replaces
+the saved config; the checkpoint must fit it), evaluates every image of the
+split once, times the jit-compiled forward pass at batch sizes 1, 8 and the
+config's, and writes
+
+  DIR/eval/<split>-<step>.json        the report (docs/evaluation.md)
+  DIR/eval/<split>-<step>/            overlays and training_curves.png
+
+and prints a table. `--compare DIR2` evaluates DIR2 the same way (its report
+goes to DIR2/eval/) and prints both side by side, e.g. U-Net vs LinTUNet.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir to evaluate.')
+_CHECKPOINT = flags.DEFINE_string(
+    'checkpoint', None, "'best' (highest validation IoU), 'latest' or a step "
+    "number. Default: 'best' when checkpoints have validation metrics, else "
+    "'latest'.")
+_SPLIT = flags.DEFINE_string(
+    'split', None, "Split to evaluate (default: the config's dataset.test_split).")
+_REPORT = flags.DEFINE_string(
+    'report', None, 'Report path (default DIR/eval/<split>-<step>.json); '
+    'pictures go to the same path without .json.')
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Optional config file replacing the one saved in the '
+    'workdir (e.g. to point dataset.data_dir elsewhere).', lock_config=True)
+_COMPARE = flags.DEFINE_string(
+    'compare', None, 'A second workdir, evaluated on the same split and shown '
+    'side by side.')
+_COMPARE_CHECKPOINT = flags.DEFINE_string(
+    'compare_checkpoint', None, "Checkpoint of --compare (default: as "
+    "--checkpoint, or its default when that is a step number).")
+_BATCH_SIZE = flags.DEFINE_integer(
+    'batch_size', None, "Eval batch size (default: the config's eval_batch_size).")
+_NUM_OVERLAYS = flags.DEFINE_integer('num_overlays', 4, 'Overlay PNGs to save.')
+_THROUGHPUT = flags.DEFINE_boolean('throughput', True, 'Time the forward pass.')
+_TP_BATCH_SIZES = flags.DEFINE_list(
+    'throughput_batch_sizes', None, "Batch sizes to time (default: 1,8,the "
+    "config's eval_batch_size).")
+_TP_RUNS = flags.DEFINE_integer('throughput_runs', 20, 'Timed calls per batch size.')
+_TP_WARMUP = flags.DEFINE_integer('throughput_warmup', 3, 'Untimed warm-up calls.')
+_PEAK_FLOPS = flags.DEFINE_float(
+    'peak_flops', None, "Peak FLOP/s of one device, for '% of peak' (default: "
+    'a datasheet table of common accelerators; none for CPUs).')
+_TRAIN_THROUGHPUT = flags.DEFINE_boolean(
+    'train_throughput', False, 'Also time a training step (forward, backward, '
+    "update) at the config's batch_size; compiling it takes a while.")
+_PROGRESS = flags.DEFINE_boolean('progress', True, 'Show a progress bar.')
+
+
+def quiet_libraries() -> None:
+  """Library INFO/WARNING chatter (orbax, XLA) off unless --verbosity is given."""
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.ERROR)
+
+
+def _evaluate(workdir: str, checkpoint: str | None, split: str | None, report: str | None,
+              config) -> dict:
+  from lintunet_jax import evaluation  # pylint: disable=import-outside-toplevel
+  try:
+    batch_sizes = ([int(b) for b in _TP_BATCH_SIZES.value]
+                   if _TP_BATCH_SIZES.value else None)
+  except ValueError:
+    raise app.UsageError('--throughput_batch_sizes takes integers, e.g. 1,8,32, '
+                         f'got {",".join(_TP_BATCH_SIZES.value)}') from None
+  return evaluation.run(
+      workdir, checkpoint=checkpoint, split=split, config=config,
+      report_path=report, num_overlays=_NUM_OVERLAYS.value,
+      batch_size=_BATCH_SIZE.value,
+      throughput_batch_sizes=batch_sizes, throughput_runs=_TP_RUNS.value,
+      throughput_warmup=_TP_WARMUP.value, measure_throughput=_THROUGHPUT.value,
+      peak_flops=_PEAK_FLOPS.value, measure_train_step=_TRAIN_THROUGHPUT.value,
+      progress=_PROGRESS.value)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if not _WORKDIR.value:
+    raise app.UsageError('--workdir is required')
+  quiet_libraries()
+  from lintunet_jax import evaluation  # pylint: disable=import-outside-toplevel
+  from lintunet_jax import parallel  # pylint: disable=import-outside-toplevel
+  config = _CONFIG.value
+  parallel.maybe_initialize_distributed(config)
+  try:
+    report = _evaluate(_WORKDIR.value, _CHECKPOINT.value, _SPLIT.value,
+                       _REPORT.value, config)
+    reports = [report]
+    if _COMPARE.value:
+      checkpoint = _COMPARE_CHECKPOINT.value or (
+          _CHECKPOINT.value if _CHECKPOINT.value and not _CHECKPOINT.value.isdigit()
+          else None)
+      other = _evaluate(_COMPARE.value, checkpoint, report['data']['split'],
+                        None, None)
+      reports.append(other)
+      report = evaluation.attach_comparison(report, other)
+  except evaluation.USER_ERRORS as e:
+    print(f'eval.py: error: {e}', file=sys.stderr)
+    return 2
+  print()
+  print(evaluation.format_table(reports))
+  for r in reports:
+    for note in r.get('notes', []):
+      print(f'note ({r["model"]["name"]}): {note}')
+    print(f"\nreport: {r['report_path']}")
+    if r['artifacts'].get('overlays') or r['artifacts'].get('training_curves'):
+      print(f"pictures: {r['artifacts']['folder']}")
+  return 0
+
+
+if __name__ == '__main__':
+  flags.mark_flag_as_required('workdir')
+  app.run(lambda argv: sys.exit(main(argv)))

@@ -1,0 +1,171 @@
+"""Shared helpers of the training tests: tiny configs, data, subprocesses.
+
+Everything is tiny (LinTUNet width 4 on 32x32 images of the 64x64
+`synthetic_mri/small` dataset) so the training tests run in minutes on a
+2-core CPU. Subprocesses compile at XLA backend optimisation level 0 (XLA's
+CPU compiler takes ~25 s at the default level for one train step; the
+numbers are the same programs, just less optimised machine code) and share
+a persistent compilation cache, so the three runs of the resume test
+compile once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import ml_collections
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+# For in-process compiles: jitted(...).lower(...).compile(compiler_options=OPT0).
+OPT0 = {'xla_backend_optimization_level': 0}
+DATASET = 'synthetic_mri/small'
+
+
+def data_dir(tmp_path_factory) -> str:
+  """A session-wide data_dir with synthetic_mri/small prepared (~5 s, once)."""
+  path = tmp_path_factory.getbasetemp() / 'train_tests_tfds'
+  marker = path / 'READY'
+  if not marker.exists():
+    from lintunet_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+    input_pipeline.prepare_dataset(tiny_config(str(path)))
+    marker.write_text('ok')
+  return str(path)
+
+
+def cache_dir(tmp_path_factory) -> str:
+  path = tmp_path_factory.getbasetemp() / 'train_tests_jax_cache'
+  path.mkdir(exist_ok=True)
+  return str(path)
+
+
+TINY = {
+    'model.width': 4,
+    'dataset.image_size': 32,
+    'model.attention.seq_len': 4,  # (32/16)^2 bottleneck tokens
+    'model.attention.k': 4,
+    'model.attention.block_size': 2,
+    'dataset.num_workers': 0,
+    'batch_size': 8,
+    'eval_batch_size': 16,
+    'num_train_steps': 6,
+    'log_every_steps': 1,
+    'eval_every_steps': 1000,
+    'checkpoint_every_steps': 2,
+    'warmup_epochs': 0.0,
+    'learning_rate': 3e-3,
+}
+
+
+# The program of the resume test and the CLI test's main run (same compiled
+# steps, so the persistent cache serves both): dropout on, to exercise RNG.
+RESUME = {'num_train_steps': 10, 'model__attention__dropout': 0.1,
+          'dataset__augment': True, 'loss': 'bce_dice'}
+
+
+def _set(config, dotted: str, value) -> None:
+  *path, last = dotted.split('.')
+  for name in path:
+    config = config[name]
+  config[last] = value
+
+
+def tiny_config(data_dir_path: str, model: str = 'lintunet',
+                **overrides) -> ml_collections.ConfigDict:
+  """configs/<model>.py:quick shrunk to TINY; overrides use '__' for '.'."""
+  from configs import lintunet, unet  # pylint: disable=g-import-not-at-top
+  config = (lintunet if model == 'lintunet' else unet).get_config('quick')
+  config.dataset.name = DATASET
+  config.dataset.data_dir = data_dir_path
+  for key, value in TINY.items():
+    _set(config, key, value)
+  for key, value in overrides.items():
+    _set(config, key.replace('__', '.'), value)
+  return config
+
+
+def tiny_flags(data_dir_path: str, model: str = 'lintunet', **overrides) -> list[str]:
+  """train.py flags for the same config as `tiny_config`."""
+  values = dict(TINY)
+  values['dataset.name'] = DATASET
+  values['dataset.data_dir'] = data_dir_path
+  values.update({k.replace('__', '.'): v for k, v in overrides.items()})
+  flags = [f'--config={ROOT / "configs" / (model + ".py")}:quick']
+  flags += [f'--config.{k}={v}' for k, v in values.items()]
+  return flags
+
+
+def env(devices: int = 1, cache: str | None = None, **extra) -> dict[str, str]:
+  """Environment for a subprocess: CPU devices, fast compiles, shared cache."""
+  result = dict(os.environ)
+  result['XLA_FLAGS'] = (f'--xla_force_host_platform_device_count={devices} '
+                         '--xla_backend_optimization_level=0')
+  result['JAX_PLATFORMS'] = 'cpu'
+  result['PYTHONPATH'] = os.pathsep.join(
+      [str(ROOT)] + [p for p in result.get('PYTHONPATH', '').split(os.pathsep) if p])
+  result['PYTHONUNBUFFERED'] = '1'
+  result.pop('JAX_COORDINATOR_ADDRESS', None)
+  if cache:
+    result['JAX_COMPILATION_CACHE_DIR'] = cache
+    result['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
+    result['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '0'
+  result.update({k: str(v) for k, v in extra.items()})
+  return result
+
+
+class Run:
+  """A train.py subprocess started in the background (output to files).
+
+  The CPU compiler is mostly single-threaded, so tests start independent
+  runs together and then wait: on 2 cores that halves the wall time.
+  """
+
+  def __init__(self, workdir, flags: list[str], *, cache: str | None = None,
+               devices: int = 1):
+    self.workdir = str(workdir)
+    os.makedirs(self.workdir, exist_ok=True)
+    self._out = open(os.path.join(self.workdir, '..', f'{os.path.basename(self.workdir)}.stdout'), 'w+')
+    self._err = open(os.path.join(self.workdir, '..', f'{os.path.basename(self.workdir)}.stderr'), 'w+')
+    self.proc = subprocess.Popen(
+        [sys.executable, str(ROOT / 'train.py'), f'--workdir={self.workdir}', *flags],
+        env=env(devices, cache), cwd=str(ROOT), stdout=self._out, stderr=self._err,
+        text=True)
+
+  def wait(self, timeout: float = 300) -> subprocess.CompletedProcess:
+    try:
+      self.proc.wait(timeout=timeout)
+    finally:
+      if self.proc.poll() is None:  # never leave a run behind
+        self.proc.kill()
+        self.proc.wait()
+    self._out.seek(0)
+    self._err.seek(0)
+    return subprocess.CompletedProcess(self.proc.args, self.proc.returncode,
+                                       self._out.read(), self._err.read())
+
+
+def run_train(workdir, flags: list[str], *, cache: str | None = None,
+              devices: int = 1, timeout: float = 300) -> subprocess.CompletedProcess:
+  """Runs train.py to completion (kills it on timeout); returns the result."""
+  return Run(workdir, flags, cache=cache, devices=devices).wait(timeout)
+
+
+def run_python(code: str, *, devices: int = 1, cache: str | None = None,
+               timeout: float = 240, **extra_env) -> dict:
+  """Runs `code` in a fresh Python; its last stdout line must be JSON."""
+  proc = subprocess.run([sys.executable, '-c', code], env=env(devices, cache, **extra_env),
+                        cwd=str(ROOT), capture_output=True, text=True,
+                        timeout=timeout)
+  if proc.returncode != 0:
+    raise AssertionError(f'subprocess failed ({proc.returncode}):\n'
+                         f'{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}')
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def train_losses(workdir) -> dict[int, float]:
+  """{step: loss} of the 'train' records in DIR/metrics.jsonl."""
+  from lintunet_jax import logging_utils  # pylint: disable=g-import-not-at-top
+  return {r['step']: r['loss'] for r in logging_utils.read_metrics(str(workdir), 'train')}

@@ -1,0 +1,58 @@
+r"""Train LinTUNet or the U-Net baseline.
+
+  python train.py --config configs/lintunet.py:quick --workdir /tmp/quick   # CPU, minutes
+  python train.py --config configs/lintunet.py --workdir DIR                # the seed's recipe
+  python train.py --config configs/unet.py --workdir DIR --config.num_epochs=10
+
+`--config.a.b=value` overrides any config field (configs/default.py lists
+them). Re-running the same command on the same DIR resumes from the last
+complete checkpoint (same batches, same losses); a DIR holding only a
+weights checkpoint (e.g. converted PyTorch weights) is fine-tuned from it.
+Writes DIR/config.json, DIR/metrics.jsonl, DIR/tensorboard/ and
+DIR/checkpoints/. Multi-host: run the same command on every host with
+`--config.distributed=True` (or JAX_COORDINATOR_ADDRESS set); see
+docs/training.md.
+"""
+
+from __future__ import annotations
+
+import logging as std_logging
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and logs.')
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Training config file, e.g. configs/lintunet.py:quick.',
+    lock_config=True)
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  # Our progress lines at INFO; the libraries' (orbax, absl) chatter off
+  # unless --verbosity is given.
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.INFO)
+    std_logging.getLogger('absl').setLevel(std_logging.ERROR)
+    std_logging.getLogger('jax').setLevel(std_logging.WARNING)
+  from lintunet_jax import parallel  # pylint: disable=g-import-not-at-top
+  parallel.maybe_initialize_distributed(_CONFIG.value)  # before any device use
+  from lintunet_jax import train_lib  # pylint: disable=g-import-not-at-top
+  try:
+    train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except (train_lib.NonFiniteLossError, parallel.BatchSizeError) as e:
+    print(f'error: {e}', file=sys.stderr)  # a clear message, no traceback
+    return 1
+  except train_lib.TrainingInterrupted as e:
+    print(str(e), file=sys.stderr)
+    return 128 + 15  # the conventional status of a SIGTERM'd program
+  return 0
+
+
+if __name__ == '__main__':
+  app.run(lambda argv: sys.exit(main(argv)))
