@@ -38,6 +38,7 @@ FOREGROUND = {0: 0.5, 7: 0.3, 9: 0.7}  # predicted foreground fraction per step
 def tiny_config(data_dir, name='lintunet'):
   config = lintunet.get_config('quick')
   config.model.name = name
+  config.loss = 'bce'  # the expected loss below is binary cross-entropy
   config.model.width = 4
   config.model.attention.seq_len = 4
   config.model.attention.k = 4
