@@ -108,9 +108,9 @@ class Schedule:
     `block_size` (the granularity at which work is skipped); wider query
     tiles make the score matmuls less skinny and gather each key tile for
     more queries, at the price of computing the union of their key tiles.
-  lanes: independent loops each chunked pass is split into; XLA:CPU runs
-    independent loops concurrently, one per core, where one loop of small
-    matmuls would keep a single core busy.
+  lanes: independent loops each chunked pass is split into, which XLA:CPU
+    may run concurrently on different cores (one loop of small matmuls keeps
+    about one core busy); no gain could be shown on the loaded test machine.
   """
 
   chunk_bytes: int | None = None
@@ -178,7 +178,7 @@ def _chunked(body, xs, chunk: int, lanes: int = 1):
   Returns body's outputs with that axis restored (padded rows dropped).
   Arrays in `xs` have the row axis first; outputs have it third ([B, H,
   rows, ...]), like every blocked array here. The steps are split over
-  `lanes` independent loops, which XLA:CPU runs on different cores.
+  `lanes` independent loops (see `Schedule.lanes`).
   """
   rows = jax.tree.leaves(xs)[0].shape[0]
   steps = -(-rows // chunk)
