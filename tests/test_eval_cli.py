@@ -8,46 +8,16 @@ the first one pays for compiling.
 """
 
 import json
-import os
-import pathlib
 import shutil
 import subprocess
 import sys
 
 import pytest
 
-from configs import lintunet
 from lintunet_jax import checkpointing
 from lintunet_jax import logging_utils
 from lintunet_jax import models
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def tiny_config(data_dir, name='lintunet'):
-  config = lintunet.get_config('quick')
-  config.model.name = name
-  config.model.width = 4
-  config.model.attention.seq_len = 4
-  config.model.attention.k = 4
-  config.model.attention.block_size = 2
-  config.dataset.name = 'synthetic_mri/small'
-  config.dataset.data_dir = str(data_dir)
-  config.dataset.image_size = 32
-  config.dataset.num_workers = 0
-  config.eval_batch_size = 24
-  return config
-
-
-def cli_env(base: pathlib.Path) -> dict:
-  env = dict(os.environ)
-  env.update(JAX_COMPILATION_CACHE_DIR=str(base / 'jax_cache'),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0',
-             JAX_PLATFORMS='cpu',
-             PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get('PYTHONPATH')])))
-  return env
-
+from tests.eval_testutil import ROOT, cli_env, tiny_config
 
 def run_cli(env, *args, timeout=300):
   proc = subprocess.run([sys.executable, str(ROOT / 'eval.py'), *map(str, args)],

@@ -23,7 +23,6 @@ import pytest
 from flax import nnx
 from sklearn import metrics as skm
 
-from configs import lintunet
 from lintunet_jax import checkpointing
 from lintunet_jax import evaluation
 from lintunet_jax import input_pipeline
@@ -31,23 +30,14 @@ from lintunet_jax import logging_utils
 from lintunet_jax import models
 from lintunet_jax import prediction
 from lintunet_jax import train_state
+from tests import eval_testutil
 
 FOREGROUND = {0: 0.5, 7: 0.3, 9: 0.7}  # predicted foreground fraction per step
 
 
 def tiny_config(data_dir, name='lintunet'):
-  config = lintunet.get_config('quick')
-  config.model.name = name
+  config = eval_testutil.tiny_config(data_dir, name)
   config.loss = 'bce'  # the expected loss below is binary cross-entropy
-  config.model.width = 4
-  config.model.attention.seq_len = 4
-  config.model.attention.k = 4
-  config.model.attention.block_size = 2
-  config.dataset.name = 'synthetic_mri/small'
-  config.dataset.data_dir = str(data_dir)
-  config.dataset.image_size = 32
-  config.dataset.num_workers = 0
-  config.eval_batch_size = 24
   config.batch_size = 8
   return config
 
