@@ -45,18 +45,28 @@ class CocoImage:
   annotation_file: Path
 
 
-def find_splits(root: Path) -> dict[str, Path]:
-  """Split name -> folder holding `_annotations.coco.json` and the images."""
-  root = Path(root)
+def split_folders(folder: Path) -> dict[str, Path]:
+  """Split name -> sub-folder of `folder` named like a split (`SPLIT_FOLDERS`).
+
+  Two sub-folders that map to the same split (valid/ and val/) are an
+  error rather than a silent pick.
+  """
   found: dict[str, Path] = {}
-  for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-    split = SPLIT_FOLDERS.get(folder.name.lower())
+  for child in sorted(p for p in Path(folder).iterdir() if p.is_dir()):
+    split = SPLIT_FOLDERS.get(child.name.lower())
     if split is None:
       continue
     if split in found:
-      raise DataError(root, f'both {found[split].name}/ and {folder.name}/ '
+      raise DataError(folder, f'both {found[split].name}/ and {child.name}/ '
                       f'would become split {split!r}; keep one')
-    found[split] = folder
+    found[split] = child
+  return found
+
+
+def find_splits(root: Path) -> dict[str, Path]:
+  """Split name -> folder holding `_annotations.coco.json` and the images."""
+  root = Path(root)
+  found = split_folders(root)
   if not found and (root / ANNOTATION_FILE).exists():
     found['train'] = root  # a flat export: one split
   if not found:

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from lintunet_jax import image_io
-from lintunet_jax.datasets.coco import SPLIT_FOLDERS
+from lintunet_jax.datasets.coco import split_folders
 from lintunet_jax.datasets.report import DataError, PreparationReport, list_some
 
 IMAGE_DIR_NAMES = ('images', 'image', 'imgs')
@@ -44,7 +44,7 @@ def find_splits(root: Path) -> dict[str, tuple[Path, Path]]:
   root = Path(root)
   images, masks = _child(root, IMAGE_DIR_NAMES), _child(root, MASK_DIR_NAMES)
   if images and masks:
-    split_dirs = _split_children(images)
+    split_dirs = split_folders(images)
     if not split_dirs:
       return {'train': (images, masks)}
     strays = [p.name for p in images.iterdir() if not p.name.startswith('.')
@@ -60,7 +60,7 @@ def find_splits(root: Path) -> dict[str, tuple[Path, Path]]:
                         'masks folder')
       found[split] = (folder, mask_folder)
     return found
-  split_dirs = _split_children(root)
+  split_dirs = split_folders(root)
   if not split_dirs:
     raise DataError(root, 'expected images/ and masks/ folders, optionally '
                     'inside train/, val/ and test/ (see docs/data.md)')
@@ -146,19 +146,6 @@ def _child(folder: Path, names: tuple[str, ...]) -> Path | None:
     raise DataError(folder, f'several candidate folders '
                     f'({", ".join(p.name for p in matches)}); keep one')
   return matches[0] if matches else None
-
-
-def _split_children(folder: Path) -> dict[str, Path]:
-  found: dict[str, Path] = {}
-  for child in sorted(p for p in folder.iterdir() if p.is_dir()):
-    split = SPLIT_FOLDERS.get(child.name.lower())
-    if split is None:
-      continue
-    if split in found:
-      raise DataError(folder, f'both {found[split].name}/ and {child.name}/ '
-                      f'would become split {split!r}; keep one')
-    found[split] = child
-  return found
 
 
 def _index(folder: Path, report: PreparationReport) -> dict[str, Path]:
