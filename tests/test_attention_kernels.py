@@ -8,29 +8,9 @@ import pytest
 from lintunet_jax import attention_kernels as ak
 from lintunet_jax import block_layout as bl
 from lintunet_jax import masks
+from tests.attention_testutil import RNG, dense_mask, random_inputs, rel_err
 
 TOL = 1e-5
-RNG = np.random.default_rng()  # fresh inputs every run
-
-
-def _rel_err(out, ref):
-  out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
-  return np.linalg.norm(out - ref) / np.linalg.norm(ref)
-
-
-def _qkv(n, batch=2, heads=2, dim=8, global_len=0):
-  arrays = [jnp.asarray(RNG.standard_normal((batch, heads, n, dim)), jnp.float32)
-            for _ in range(3)]
-  global_kv = None
-  if global_len:
-    global_kv = tuple(jnp.asarray(RNG.standard_normal((batch, heads, global_len, dim)),
-                                  jnp.float32) for _ in range(2))
-  return arrays, global_kv
-
-
-def _dense_mask(mask, n):
-  idx = np.arange(n)
-  return np.asarray(mask(idx[:, None], idx[None, :]), bool)
 
 
 PATTERNS = {
@@ -53,12 +33,12 @@ def _case(name, n):
 @pytest.mark.parametrize('global_len', [0, 5], ids=['sparse', 'linformer_sparse'])
 def test_forward_matches_dense(name, n, block, global_len):
   mask = _case(name, n)
-  (q, k, v), global_kv = _qkv(n, global_len=global_len)
-  ref = ak.dense_attention(q, k, v, mask=_dense_mask(mask, n), global_kv=global_kv)
+  (q, k, v), global_kv = random_inputs(n, global_len=global_len)
+  ref = ak.dense_attention(q, k, v, mask=dense_mask(mask, n), global_kv=global_kv)
   out = jax.jit(lambda q, k, v, g: ak.block_sparse_attention(
       q, k, v, mask=mask, block_size=block, global_kv=g))(q, k, v, global_kv)
   assert out.shape == q.shape and out.dtype == q.dtype
-  assert _rel_err(out, ref) <= TOL
+  assert rel_err(out, ref) <= TOL
 
 
 @pytest.mark.parametrize('name', ['local_1d', 'global_tokens', 'local_2d', 'strided'])
@@ -66,26 +46,26 @@ def test_forward_matches_dense(name, n, block, global_len):
 def test_gradients_match_dense(name, global_len):
   n, block = 81, 16
   mask = _case(name, n)
-  (q, k, v), global_kv = _qkv(n, global_len=global_len)
+  (q, k, v), global_kv = random_inputs(n, global_len=global_len)
   cotangent = jnp.asarray(RNG.standard_normal(q.shape), jnp.float32)
-  dense_mask = _dense_mask(mask, n)
+  allowed = dense_mask(mask, n)
 
   def loss(fn):
     return lambda *args: jnp.sum(fn(*args) * cotangent)
 
-  dense = loss(lambda q, k, v, g: ak.dense_attention(q, k, v, mask=dense_mask, global_kv=g))
+  dense = loss(lambda q, k, v, g: ak.dense_attention(q, k, v, mask=allowed, global_kv=g))
   sparse = loss(lambda q, k, v, g: ak.block_sparse_attention(
       q, k, v, mask=mask, block_size=block, global_kv=g))
   argnums = (0, 1, 2, 3) if global_kv else (0, 1, 2)
   ref = jax.grad(dense, argnums)(q, k, v, global_kv)
   out = jax.jit(jax.grad(sparse, argnums))(q, k, v, global_kv)
   for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ref)):
-    assert _rel_err(a, b) <= TOL
+    assert rel_err(a, b) <= TOL
 
 
 def test_dense_kernel_matches_numpy_softmax():
-  (q, k, v), (gk, gv) = _qkv(20, global_len=3)
-  mask = _dense_mask(masks.LocalMask(4), 20)
+  (q, k, v), (gk, gv) = random_inputs(20, global_len=3)
+  mask = dense_mask(masks.LocalMask(4), 20)
   out = ak.dense_attention(q, k, v, mask=mask, global_kv=(gk, gv))
   q64, k64, v64 = (np.asarray(x, np.float64) for x in (q, k, v))
   keys = np.concatenate([k64, np.asarray(gk, np.float64)], axis=2)
@@ -95,35 +75,35 @@ def test_dense_kernel_matches_numpy_softmax():
   scores = np.where(allowed, scores, -np.inf)
   weights = np.exp(scores - scores.max(-1, keepdims=True))
   weights /= weights.sum(-1, keepdims=True)
-  assert _rel_err(out, np.einsum('bhqk,bhkd->bhqd', weights, values)) <= TOL
+  assert rel_err(out, np.einsum('bhqk,bhkd->bhqd', weights, values)) <= TOL
 
 
 def test_query_that_sees_nothing_outputs_zero_without_nan():
   # Queries 0..7 see no key (only queries >= 8 see keys >= 8).
   mask = masks.NotMask(masks.GlobalTokensMask(8)) & masks.LocalMask(3)
   n = 32
-  (q, k, v), _ = _qkv(n)
+  (q, k, v), _ = random_inputs(n)
   fn = lambda q, k, v: ak.block_sparse_attention(q, k, v, mask=mask, block_size=8)
   out = jax.jit(fn)(q, k, v)
   grads = jax.grad(lambda *a: jnp.sum(fn(*a) ** 2), (0, 1, 2))(q, k, v)
   assert not any(bool(jnp.isnan(x).any()) for x in [out, *grads])
   np.testing.assert_array_equal(np.asarray(out[:, :, :8]), 0.0)
   np.testing.assert_array_equal(np.asarray(grads[0][:, :, :8]), 0.0)
-  ref = ak.dense_attention(q, k, v, mask=_dense_mask(mask, n))
-  assert _rel_err(out, ref) <= TOL
+  ref = ak.dense_attention(q, k, v, mask=dense_mask(mask, n))
+  assert rel_err(out, ref) <= TOL
   empty = ak.block_sparse_attention(q, k, v, mask=masks.EmptyMask(), block_size=8)
   np.testing.assert_array_equal(np.asarray(empty), 0.0)
 
 
 def test_bfloat16_inputs_keep_float32_softmax():
-  (q, k, v), global_kv = _qkv(64, global_len=4)
+  (q, k, v), global_kv = random_inputs(64, global_len=4)
   mask = masks.LocalMask(6)
   ref = ak.block_sparse_attention(q, k, v, mask=mask, block_size=16, global_kv=global_kv)
   low = [x.astype(jnp.bfloat16) for x in (q, k, v)]
   low_global = tuple(x.astype(jnp.bfloat16) for x in global_kv)
   out = ak.block_sparse_attention(*low, mask=mask, block_size=16, global_kv=low_global)
   assert out.dtype == jnp.bfloat16
-  assert _rel_err(out, ref) < 3e-2  # bf16 inputs, not a broken softmax
+  assert rel_err(out, ref) < 3e-2  # bf16 inputs, not a broken softmax
 
 
 def _flops(fn, *args):
@@ -137,8 +117,8 @@ def test_sparse_attention_really_skips_work():
   mask = masks.LocalMask(32)  # 3 of 32 tile columns per row: density 3/32 <= 1/8
   layout = bl.block_layout(mask, n, block)
   assert layout.density <= 1 / 8
-  (q, k, v), _ = _qkv(n, batch=1, heads=1, dim=dim)
-  dense = _flops(lambda q, k, v: ak.dense_attention(q, k, v, mask=_dense_mask(mask, n)), q, k, v)
+  (q, k, v), _ = random_inputs(n, batch=1, heads=1, dim=dim)
+  dense = _flops(lambda q, k, v: ak.dense_attention(q, k, v, mask=dense_mask(mask, n)), q, k, v)
   sparse = _flops(lambda q, k, v: ak.block_sparse_attention(
       q, k, v, mask=mask, block_size=block), q, k, v)
   assert sparse <= dense / 4, (sparse, dense)

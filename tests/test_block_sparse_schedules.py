@@ -14,9 +14,9 @@ import pytest
 from lintunet_jax import attention_kernels as ak
 from lintunet_jax import block_layout as bl
 from lintunet_jax import masks
+from tests.attention_testutil import dense_mask, random_inputs, rel_err
 
 TOL = 1e-5
-RNG = np.random.default_rng()
 
 PATTERNS = {
     'local_2d': masks.Local2DMask(1),
@@ -25,26 +25,6 @@ PATTERNS = {
     'fixed': masks.FixedMask(12, 2),
     'sees_nothing': masks.NotMask(masks.GlobalTokensMask(8)) & masks.LocalMask(3),
 }
-
-
-def _rel_err(out, ref):
-  out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
-  return np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30)
-
-
-def _inputs(n, global_len, batch=2, heads=2, dim=8):
-  arrays = [jnp.asarray(RNG.standard_normal((batch, heads, n, dim)), jnp.float32)
-            for _ in range(4)]
-  global_kv = None
-  if global_len:
-    global_kv = tuple(jnp.asarray(RNG.standard_normal((batch, heads, global_len, dim)),
-                                  jnp.float32) for _ in range(2))
-  return arrays, global_kv
-
-
-def _dense_mask(mask, n):
-  idx = np.arange(n)
-  return np.asarray(mask(idx[:, None], idx[None, :]), bool)
 
 
 # (pattern, Schedule fields): chunk_bytes=1 is one block per loop step.
@@ -59,30 +39,30 @@ SCHEDULES = ([(name, dict(chunk_bytes=1)) for name in sorted(PATTERNS)]
 def test_chunked_forward_and_gradients_match_dense(name, global_len, schedule):
   n, block = 90, 8  # 12 blocks, ragged last block, several groups
   mask = masks.bind_grid(PATTERNS[name], grid_width=9)
-  (q, k, v, cot), global_kv = _inputs(n, global_len)
-  dense_mask = _dense_mask(mask, n)
+  (q, k, v, cot), global_kv = random_inputs(n, global_len, count=4)
+  allowed = dense_mask(mask, n)
 
   def loss(fn):
     return lambda *a: jnp.sum(fn(*a) * cot)
 
-  dense = lambda q, k, v, g: ak.dense_attention(q, k, v, mask=dense_mask, global_kv=g)
+  dense = lambda q, k, v, g: ak.dense_attention(q, k, v, mask=allowed, global_kv=g)
   sparse = lambda q, k, v, g: ak.block_sparse_attention(
       q, k, v, mask=mask, block_size=block, global_kv=g)
   argnums = (0, 1, 2, 3) if global_kv else (0, 1, 2)
   with ak.schedule(**schedule):
     out = jax.jit(sparse)(q, k, v, global_kv)
     grads = jax.jit(jax.grad(loss(sparse), argnums))(q, k, v, global_kv)
-  assert _rel_err(out, dense(q, k, v, global_kv)) <= TOL
+  assert rel_err(out, dense(q, k, v, global_kv)) <= TOL
   ref = jax.grad(loss(dense), argnums)(q, k, v, global_kv)
   for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref)):
     assert not bool(jnp.isnan(a).any())
-    assert _rel_err(a, b) <= TOL
+    assert rel_err(a, b) <= TOL
 
 
 def test_chunked_and_unchunked_schedules_agree():
   n, block = 256, 16
   mask = masks.bind_grid(masks.Local2DMask(2), 16) | masks.GlobalTokensMask(3)
-  (q, k, v, _), global_kv = _inputs(n, 4, batch=1, heads=1, dim=32)
+  (q, k, v, _), global_kv = random_inputs(n, 4, batch=1, heads=1, dim=32, count=4)
   # A fresh jit per schedule: jit caches traces, and the schedule is
   # chosen at trace time.
   fn = lambda: jax.jit(lambda q, k, v, g: ak.block_sparse_attention(
@@ -95,22 +75,22 @@ def test_chunked_and_unchunked_schedules_agree():
     chunked_fn = fn().lower(q, k, v, global_kv).compile()
     assert 'while' in chunked_fn.as_text()  # really a loop
     chunked = chunked_fn(q, k, v, global_kv)
-  assert _rel_err(chunked, whole) <= TOL
+  assert rel_err(chunked, whole) <= TOL
 
 
 def test_unchunked_flops_follow_the_tiles_forward_and_backward():
   n, block, dim = 1024, 32, 64
   mask = masks.LocalMask(32)
   layout = bl.block_layout(mask, n, block)
-  (q, k, v, cot), _ = _inputs(n, 0, batch=1, heads=1, dim=dim)
+  (q, k, v, cot), _ = random_inputs(n, 0, batch=1, heads=1, dim=dim, count=4)
 
   def flops(fn):
     cost = jax.jit(fn).lower(q, k, v).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return cost['flops']
 
-  dense_mask = _dense_mask(mask, n)
-  dense = lambda q, k, v: ak.dense_attention(q, k, v, mask=dense_mask)
+  allowed = dense_mask(mask, n)
+  dense = lambda q, k, v: ak.dense_attention(q, k, v, mask=allowed)
   sparse = lambda q, k, v: ak.block_sparse_attention(q, k, v, mask=mask, block_size=block)
   grad = lambda f: jax.grad(lambda *a: jnp.sum(f(*a) * cot), (0, 1, 2))
   with ak.chunking(None):
@@ -144,7 +124,7 @@ def test_key_major_groups_cover_every_tile_once():
 def test_bfloat16_chunked_gradients_are_finite_and_close():
   n, block = 128, 16
   mask = masks.LocalMask(9)
-  (q, k, v, cot), global_kv = _inputs(n, 4, batch=1, heads=1, dim=16)
+  (q, k, v, cot), global_kv = random_inputs(n, 4, batch=1, heads=1, dim=16, count=4)
   fn = lambda *a: jnp.sum(ak.block_sparse_attention(
       a[0], a[1], a[2], mask=mask, block_size=block, global_kv=a[3]).astype(jnp.float32) * cot)
   low = lambda x: jax.tree.map(lambda t: t.astype(jnp.bfloat16), x)
@@ -153,4 +133,4 @@ def test_bfloat16_chunked_gradients_are_finite_and_close():
     out = jax.grad(fn, (0, 1, 2, 3))(*low((q, k, v)), low(global_kv))
   for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ref)):
     assert a.dtype == jnp.bfloat16
-    assert _rel_err(a, b) < 5e-2
+    assert rel_err(a, b) < 5e-2
