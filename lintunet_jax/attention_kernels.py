@@ -206,6 +206,21 @@ def _chunked(body, xs, chunk: int, lanes: int = 1):
   return jax.tree.map(unstack, ys)
 
 
+def _take_blocks(x: jax.Array, blocks) -> jax.Array:
+  """`x[:, :, blocks]` for blocked [B, H, N, ...] arrays and [G, R] indices.
+
+  A group whose every row takes all N blocks in order (a global token's
+  query row, or the key block every query sees) needs no gather: when the
+  indices are static (a one-step group) that case broadcasts `x` instead of
+  copying all of it, which cost more than that row's matmuls.
+  """
+  if (isinstance(blocks, np.ndarray) and blocks.ndim == 2
+      and blocks.shape[1] == x.shape[2]
+      and (blocks == np.arange(x.shape[2])).all()):
+    return jnp.broadcast_to(x[:, :, None], x.shape[:2] + blocks.shape + x.shape[3:])
+  return x[:, :, blocks]
+
+
 def _in_block_order(parts: list, blocks: list[np.ndarray]) -> jax.Array:
   """Concatenates per-group [B,H,G_i,...] results, rows back in block order.
 
@@ -282,8 +297,8 @@ def _forward(plan: _Plan, q, k, v, global_kv):
     def body(xs, width=width):
       q_blocks, kv_blocks, state = xs
       qg = qb[:, :, q_blocks]  # [B,H,G,bq,D]
-      kg = kb[:, :, kv_blocks]  # [B,H,G,R,bkv,D]
-      vg = vb[:, :, kv_blocks]
+      kg = _take_blocks(kb, kv_blocks)  # [B,H,G,R,bkv,D]
+      vg = _take_blocks(vb, kv_blocks)
       scores = jnp.einsum('bhgrkd,bhgqd->bhgrkq', kg, qg,
                           preferred_element_type=jnp.float32) * plan.scale
       scores = scores.reshape(scores.shape[:3] + (width * bkv, bq))
@@ -356,8 +371,8 @@ def _backward(plan: _Plan, residuals, d_out):
       q_blocks, kv_blocks, p = xs
       p = jnp.moveaxis(p, 0, 2)  # scanned rows come first
       dog = dob[:, :, q_blocks]
-      vg = vb[:, :, kv_blocks]
-      kg = kb[:, :, kv_blocks]
+      vg = _take_blocks(vb, kv_blocks)
+      kg = _take_blocks(kb, kv_blocks)
       dp = jnp.einsum('bhgrkd,bhgqd->bhgrkq', vg, dog,
                       preferred_element_type=jnp.float32)
       dp = dp.reshape(dp.shape[:3] + (width * bkv, bq))
@@ -383,8 +398,8 @@ def _backward(plan: _Plan, residuals, d_out):
 
     def kv_body(xs):
       q_blocks, tile_index = xs
-      qg = qb[:, :, q_blocks]  # [B,H,G,R,bq,D]
-      dog = dob[:, :, q_blocks]
+      qg = _take_blocks(qb, q_blocks)  # [B,H,G,R,bq,D]
+      dog = _take_blocks(dob, q_blocks)
       p = p_flat[:, :, tile_index]  # [B,H,G,R,bkv,bq]
       ds = ds_flat[:, :, tile_index]
       dv = jnp.einsum('bhgrkq,bhgrqd->bhgkd', p.astype(dob.dtype), dog,

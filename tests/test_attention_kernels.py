@@ -124,3 +124,13 @@ def test_sparse_attention_really_skips_work():
   assert sparse <= dense / 4, (sparse, dense)
   # Work follows the tiles: about density x dense, plus the mask arithmetic.
   assert sparse <= 1.6 * layout.density * dense, (sparse, dense, layout.summary())
+
+
+def test_rows_taking_every_block_in_order_broadcast_instead_of_gathering():
+  x = jnp.asarray(RNG.standard_normal((2, 3, 5, 4, 8)), jnp.float32)
+  every = np.tile(np.arange(5, dtype=np.int32), (2, 1))  # [G=2, R=5]
+  some = np.array([[4, 0, 2], [1, 1, 3]], np.int32)
+  np.testing.assert_array_equal(ak._take_blocks(x, every), x[:, :, every])
+  np.testing.assert_array_equal(ak._take_blocks(x, some), x[:, :, some])
+  hlo = jax.jit(lambda x: ak._take_blocks(x, every)).lower(x).as_text()
+  assert 'gather' not in hlo and 'broadcast' in hlo
