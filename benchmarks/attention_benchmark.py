@@ -12,6 +12,11 @@ from q, k, v ([batch, heads, n, width/heads]) to its output:
                            attention over those k summaries
   block_sparse/<pattern>   only the pattern's non-empty tiles
   linformer_block_sparse   both in one softmax (LinTUNet), default pattern
+  pallas_block_sparse/<pattern>, pallas_linformer_block_sparse
+                           the same maths as fused Pallas kernels
+                           (`attention_kernels.schedule(kernel='pallas')`);
+                           in the default kinds on GPUs only (elsewhere
+                           they would run interpreted)
 
 in two modes: `forward` and `forward_backward` (gradients of
 sum(out * cotangent) w.r.t. q, k, v and the Linformer projections).
@@ -211,22 +216,40 @@ def write_json(path: str, payload: dict) -> None:
 # ---------------------------------------------------------------- the sweep
 
 
+KINDS = ('dense', 'linformer', 'block_sparse', 'linformer_block_sparse',
+         'pallas_block_sparse', 'pallas_linformer_block_sparse')
+
+
+def default_kinds() -> list[str]:
+  kinds = list(KINDS[:4])
+  return kinds + list(KINDS[4:]) if jax.default_backend() == 'gpu' else kinds
+
+
 def _configs(grid: int, kinds: list[str], patterns: list[str]):
   """(name, kind, pattern name, pattern spec) of each configuration."""
   out = []
   for kind in kinds:
+    if kind not in KINDS:
+      raise ValueError(f'unknown kind {kind!r}; choose from {KINDS}')
     if kind in ('dense', 'linformer'):
       out.append((kind, kind, None, None))
-    elif kind == 'block_sparse':
-      out += [(f'block_sparse/{p}', kind, p, PATTERNS[p](grid)) for p in patterns]
-    elif kind == 'linformer_block_sparse':
+    elif kind.endswith('linformer_block_sparse'):
       p = DEFAULT_PATTERN
-      out.append((f'linformer_block_sparse/{p}', kind, p, PATTERNS[p](grid)))
+      out.append((f'{kind}/{p}', kind, p, PATTERNS[p](grid)))
+    else:
+      out += [(f'{kind}/{p}', kind, p, PATTERNS[p](grid)) for p in patterns]
   return out
 
 
 def _attention_fn(kind: str, mask, block: int):
+  kernel = 'pallas' if kind.startswith('pallas_') else 'xla'
+  kind = kind.removeprefix('pallas_')
+
   def fn(q, k, v, proj_k, proj_v):
+    with attention_kernels.schedule(kernel=kernel):  # read at trace time
+      return attend(q, k, v, proj_k, proj_v)
+
+  def attend(q, k, v, proj_k, proj_v):
     if kind == 'dense':
       return attention_kernels.dense_attention(q, k, v)
     global_kv = None
@@ -241,7 +264,7 @@ def _attention_fn(kind: str, mask, block: int):
 
 
 def _forward_backward(fn, kind: str, cotangent):
-  argnums = (0, 1, 2, 3, 4) if kind.startswith('linformer') else (0, 1, 2)
+  argnums = (0, 1, 2, 3, 4) if 'linformer' in kind else (0, 1, 2)
 
   def loss(*args):
     return jnp.sum(fn(*args).astype(jnp.float32) * cotangent)
@@ -277,7 +300,7 @@ def run(args) -> dict:
                'batch': args.batch, 'dtype': args.dtype, 'kind': kind,
                'pattern': pattern, 'pattern_spec': spec, 'mode': mode,
                'block_size': args.block_size if pattern else None,
-               'linformer_k': args.linformer_k if kind.startswith('linformer') else None}
+               'linformer_k': args.linformer_k if 'linformer' in kind else None}
         if spec is not None:
           mask = masks.bind_grid(masks.parse_pattern(spec), grid)
           layout = block_layout.block_layout(mask, n, min(args.block_size, n))
@@ -294,7 +317,10 @@ def run(args) -> dict:
         with attention_kernels.chunking(None):  # FLOPs: no loops to undercount
           row['flops'] = lowered_flops(jax.jit(lambda *a: fn(*a)).lower(*inputs))
         row['flops_method'] = 'XLA cost analysis of the lowered program, unchunked schedule'
-        if 'while' not in compiled.as_text() and kind in ('block_sparse', 'linformer_block_sparse'):
+        if kind.startswith('pallas_'):  # cost analysis cannot see inside the kernels
+          row['flops'] = None
+          row['flops_method'] = 'not measured: XLA cost analysis does not see inside Pallas kernels'
+        if 'while' not in compiled.as_text() and kind.endswith('block_sparse') and not kind.startswith('pallas_'):
           row['schedule_note'] = 'every group fit one chunk: no loop'
         row['schedule'] = str(attention_kernels.current_schedule())
         row['memory'] = memory_stats(compiled)
@@ -382,8 +408,9 @@ def main() -> None:
   parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
   parser.add_argument('--block-size', type=int, default=16)
   parser.add_argument('--linformer-k', type=int, default=64)
-  parser.add_argument('--kinds', type=lambda s: s.split(','),
-                      default=['dense', 'linformer', 'block_sparse', 'linformer_block_sparse'])
+  parser.add_argument('--kinds', type=lambda s: s.split(','), default=None,
+                      help=f'comma-separated, from {",".join(KINDS)} (default: the first '
+                           'four; all six on a GPU)')
   parser.add_argument('--patterns', type=lambda s: s.split(','), default=list(PATTERNS))
   parser.add_argument('--rounds', type=int, default=0,
                       help='timed rounds (0: 7 up to 4096 tokens, 3 above)')
@@ -391,8 +418,11 @@ def main() -> None:
   parser.add_argument('--max-gb', type=float, default=8.0)
   parser.add_argument('--budget-s-per-group', type=float, default=60.0,
                       help='stop adding rounds to one (tokens, mode) after this long')
-  parser.add_argument('--out', default=str(ROOT / 'benchmarks/results/attention_cpu.json'))
+  parser.add_argument('--out', default=None,
+                      help='default: benchmarks/results/attention_<backend>.json')
   args = parser.parse_args()
+  args.kinds = args.kinds or default_kinds()
+  args.out = args.out or str(ROOT / f'benchmarks/results/attention_{jax.default_backend()}.json')
   machine = machine_info()
   print(json.dumps({k: machine[k] for k in ('cpu_model', 'logical_cpus', 'load_average_at_start')}))
   outcome = run(args)

@@ -40,6 +40,9 @@ def get_model_config() -> ml_collections.ConfigDict:
   # with the constructors of `lintunet_jax.masks` and combined with | and &.
   attn.pattern = 'local_2d(radius=2)'
   attn.block_size = 16  # query/key tile edge for the block-sparse layout
+  # 'xla' (every backend) | 'pallas' (fused GPU kernels; opt-in until timed
+  # on a GPU, see lintunet_jax/pallas_attention.py)
+  attn.kernel = 'xla'
   model.attention = attn
   return model
 

@@ -48,7 +48,7 @@ class EfficientSelfAttention(nnx.Module):
                heads: int = 1, dim_head: int | None = None, seq_len: int = 256,
                k: int = 64, share_kv: bool = False,
                pattern: masks_lib.Mask | None = None, block_size: int = 16,
-               dtype=jnp.float32, rngs: nnx.Rngs):
+               kernel: str = 'xla', dtype=jnp.float32, rngs: nnx.Rngs):
     if kind not in KINDS:
       raise ValueError(f'attention kind {kind!r} is not one of {KINDS}')
     if _uses_pattern(kind) and pattern is None:
@@ -58,6 +58,7 @@ class EfficientSelfAttention(nnx.Module):
     self.kind, self.heads, self.dim_head = kind, heads, dim_head
     self.seq_len, self.share_kv = seq_len, share_kv
     self.pattern, self.block_size, self.dtype = pattern, block_size, dtype
+    self.kernel = attention_kernels.Schedule(kernel=kernel).kernel  # validated
     linear = dict(use_bias=False, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
     self.to_q = nnx.Linear(dim, inner, **linear)
     self.to_k = nnx.Linear(dim, inner, **linear)
@@ -103,10 +104,11 @@ class EfficientSelfAttention(nnx.Module):
     elif self.kind == 'linformer':
       out = attention_kernels.dense_attention(q, *global_kv)
     else:
-      out = attention_kernels.block_sparse_attention(
-          q, self._split_heads(keys), self._split_heads(values),
-          mask=masks_lib.bind_grid(self.pattern, grid_width),
-          block_size=self.block_size, global_kv=global_kv)
+      with attention_kernels.schedule(kernel=self.kernel):
+        out = attention_kernels.block_sparse_attention(
+            q, self._split_heads(keys), self._split_heads(values),
+            mask=masks_lib.bind_grid(self.pattern, grid_width),
+            block_size=self.block_size, global_kv=global_kv)
     b, _, n, _ = out.shape
     out = out.transpose(0, 2, 1, 3).reshape(b, n, self.heads * self.dim_head)
     return self.to_out(out)

@@ -35,6 +35,8 @@ How `block_sparse_attention` executes (same maths on every backend):
   is one batched op. XLA's cost
   analysis counts a loop body once, so for FLOP counts trace under
   `chunking(None)`, which does the same arithmetic unchunked.
+* `Schedule.kernel='pallas'` hands the same layout to the fused kernels of
+  `pallas_attention` instead (GPU; interpreted elsewhere, for tests).
 """
 
 from __future__ import annotations
@@ -111,18 +113,30 @@ class Schedule:
   lanes: independent loops each chunked pass is split into, which XLA:CPU
     may run concurrently on different cores (one loop of small matmuls keeps
     about one core busy); no gain could be shown on the loaded test machine.
+  kernel: 'xla' (these XLA ops, every backend) or 'pallas' (the fused
+    kernels of `pallas_attention`: compiled on GPU, interpreted elsewhere,
+    which is only useful for testing; opt-in until timed on a GPU).
   """
 
   chunk_bytes: int | None = None
   query_block: int = 0
   lanes: int = 1
+  kernel: str = 'xla'
+
+  def __post_init__(self):
+    if self.kernel not in KERNELS:
+      raise ValueError(f'unknown attention kernel {self.kernel!r}; choose one of {KERNELS}')
+
+
+KERNELS = ('xla', 'pallas')
 
 
 # Per backend; measured on CPU in benchmarks/NOTES.md: 2 MiB keeps a step's
 # gathers within a core's L2 + its share of L3; wider query tiles (32, 64)
 # did not pay for their extra key tiles; extra lanes showed no gain on the
 # shared 2-core machine we could measure on. GPU/TPU run every group as one
-# batched op until a Pallas kernel replaces it.
+# batched op; on GPU the fused Pallas kernels (`kernel='pallas'`) are the
+# alternative, opt-in until they have been timed there.
 SCHEDULES: dict[str, Schedule] = {'cpu': Schedule(chunk_bytes=2 << 20)}
 _schedule_overrides: list[dict] = []
 
@@ -449,8 +463,13 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   how = current_schedule()
   block = min(block_size, n)
   query_block = min(max(block, how.query_block), n)
-  plan = _Plan(layout_lib.block_layout(mask, n, query_block, block), mask,
-               q.shape[-1] ** -0.5, how.chunk_bytes, how.lanes)
+  layout = layout_lib.block_layout(mask, n, query_block, block)
+  if how.kernel == 'pallas':
+    from lintunet_jax import pallas_attention  # pylint: disable=g-import-not-at-top
+    return pallas_attention.block_sparse_attention(
+        q, k, v, layout=layout, mask=mask, scale=q.shape[-1] ** -0.5,
+        global_kv=global_kv)
+  plan = _Plan(layout, mask, q.shape[-1] ** -0.5, how.chunk_bytes, how.lanes)
 
   @jax.custom_vjp
   def attend(q, k, v, global_kv):

@@ -94,7 +94,8 @@ class LinTUNet(UNet):
         dropout=attention.dropout, dtype=dtype, rngs=rngs, kind=attention.kind,
         heads=attention.heads, dim_head=attention.get('dim_head'),
         seq_len=attention.seq_len, k=attention.k, share_kv=attention.share_kv,
-        pattern=pattern, block_size=attention.block_size)
+        pattern=pattern, block_size=attention.block_size,
+        kernel=attention.get('kernel', 'xla'))
 
   def bottleneck_attention(self, x: jax.Array) -> jax.Array:
     return self.attention(x)

@@ -53,12 +53,16 @@ def _numpy_attention(layer, x, grid_width, dense_mask=None):
 
 @pytest.mark.parametrize('kind', attention.KINDS)
 @pytest.mark.parametrize('heads, share_kv', [(1, False), (2, True)])
-def test_each_kind_matches_numpy(kind, heads, share_kv):
+@pytest.mark.parametrize('kernel', ['xla', 'pallas'])
+def test_each_kind_matches_numpy(kind, heads, share_kv, kernel):
+  if kernel == 'pallas' and 'sparse' not in kind:
+    pytest.skip('the kernel choice only concerns the block-sparse kinds')
   grid, dim = 6, 16
   pattern = masks.Local2DMask(1) | masks.GlobalTokensMask(1)
   layer = attention.EfficientSelfAttention(
       dim, kind=kind, heads=heads, seq_len=64, k=8, share_kv=share_kv,
-      pattern=pattern, block_size=8, rngs=nnx.Rngs(int(RNG.integers(1 << 30))))
+      pattern=pattern, block_size=8, kernel=kernel,
+      rngs=nnx.Rngs(int(RNG.integers(1 << 30))))
   x = jnp.asarray(RNG.standard_normal((2, grid * grid, dim)), jnp.float32)
   bound = masks.bind_grid(pattern, grid)
   idx = np.arange(grid * grid)
@@ -113,3 +117,6 @@ def test_unknown_kind_and_missing_pattern_are_rejected():
     attention.EfficientSelfAttention(8, kind='performer', rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match='needs a sparse pattern'):
     attention.EfficientSelfAttention(8, kind='block_sparse', rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match='unknown attention kernel'):
+    attention.EfficientSelfAttention(8, kind='block_sparse', pattern=masks.LocalMask(2),
+                                     kernel='cuda', rngs=nnx.Rngs(0))
