@@ -21,7 +21,7 @@ def test_upsample_matches_conv_transpose_and_its_gradients(shape):
   cin = shape[-1]
   upconv = nnx.ConvTranspose(cin, cin // 2, kernel_size=(2, 2), strides=(2, 2),
                              padding='VALID', rngs=nnx.Rngs(int(RNG.integers(1 << 30))))
-  upconv.bias.value = jnp.asarray(RNG.standard_normal(cin // 2), jnp.float32)
+  upconv.bias[...] = jnp.asarray(RNG.standard_normal(cin // 2), jnp.float32)
   x = jnp.asarray(RNG.standard_normal(shape), jnp.float32)
   out = layers.upsample_2x2(upconv, x)
   ref = upconv(x)
