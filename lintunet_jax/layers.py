@@ -42,9 +42,48 @@ class DoubleConv(nnx.Module):
     return self.norm(x)
 
 
+def _pool_windows(x: jax.Array) -> jax.Array:
+  """[B, H, W, C] -> [B, H//2, 2, W//2, 2, C] (odd trailing row/column dropped)."""
+  b, h, w, c = x.shape
+  return x[:, :h // 2 * 2, :w // 2 * 2].reshape(b, h // 2, 2, w // 2, 2, c)
+
+
+@jax.custom_vjp
 def max_pool_2x2(x: jax.Array) -> jax.Array:
-  """2x2 max-pool, stride 2 (floors odd sizes, as torch.nn.MaxPool2d(2))."""
-  return nnx.max_pool(x, window_shape=(2, 2), strides=(2, 2), padding='VALID')
+  """2x2 max-pool, stride 2 (floors odd sizes, as torch.nn.MaxPool2d(2)).
+
+  The same values and gradients as `nnx.max_pool` - the gradient goes to
+  the first maximum of each window in row-major order, as XLA's
+  select-and-scatter gives it, ties included (tested bit for bit) - but
+  written as reshape + max with elementwise, fusible backward code: the
+  select-and-scatter took ~190 ms of a 4.6 s CPU training step (batch 2,
+  256x256), this ~27 ms (benchmarks/NOTES.md item 20).
+  """
+  return _pool_windows(x).max(axis=(2, 4))
+
+
+def _max_pool_fwd(x):
+  return max_pool_2x2(x), x
+
+
+def _max_pool_bwd(x, grad):
+  windows = _pool_windows(x)
+  best = windows.max(axis=(2, 4))
+  taken = jnp.zeros(best.shape, bool)
+  rows = []
+  for i in range(2):
+    row = []
+    for j in range(2):
+      first = ~taken & (windows[:, :, i, :, j] == best)
+      taken = taken | first
+      row.append(jnp.where(first, grad, jnp.zeros_like(grad)))
+    rows.append(jnp.stack(row, axis=3))
+  b, h, w, c = x.shape
+  dx = jnp.stack(rows, axis=2).reshape(b, h // 2 * 2, w // 2 * 2, c)
+  return (jnp.pad(dx, ((0, 0), (0, h % 2), (0, w % 2), (0, 0))),)
+
+
+max_pool_2x2.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 class Down(nnx.Module):

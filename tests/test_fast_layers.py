@@ -46,3 +46,21 @@ def test_upsample_keeps_the_compute_dtype():
   out, ref = layers.upsample_2x2(upconv, x), upconv(x)
   assert out.dtype == ref.dtype == jnp.bfloat16
   assert _rel_err(out.astype(jnp.float32), ref.astype(jnp.float32)) <= 1e-6
+
+
+@pytest.mark.parametrize('shape', [(2, 8, 6, 4), (1, 7, 9, 3)])  # odd sizes floor
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_max_pool_values_and_gradients_are_bit_identical_to_nnx_max_pool(shape, dtype):
+  # Small integers after a ReLU: most windows hold ties, which is where the
+  # gradient's choice of element shows.
+  x = jnp.asarray(np.maximum(RNG.integers(-3, 4, shape), 0), dtype)
+  ref_pool = lambda x: nnx.max_pool(x, window_shape=(2, 2), strides=(2, 2), padding='VALID')
+  out, ref = layers.max_pool_2x2(x), ref_pool(x)
+  assert out.shape == ref.shape == (shape[0], shape[1] // 2, shape[2] // 2, shape[3])
+  np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(ref, np.float32))
+  cot = jnp.asarray(RNG.standard_normal(ref.shape), dtype)
+  grad = jax.jit(jax.vjp(layers.max_pool_2x2, x)[1])(cot)[0]
+  want = jax.vjp(ref_pool, x)[1](cot)[0]
+  assert grad.dtype == want.dtype
+  np.testing.assert_array_equal(np.asarray(grad, np.float32), np.asarray(want, np.float32))
+  assert np.count_nonzero(np.asarray(grad, np.float32)) == np.count_nonzero(np.asarray(cot, np.float32))
