@@ -116,12 +116,14 @@ class Schedule:
   kernel: 'xla' (these XLA ops, every backend) or 'pallas' (the fused
     kernels of `pallas_attention`: compiled on GPU, interpreted elsewhere,
     which is only useful for testing; opt-in until timed on a GPU).
+  pallas_interpret: the Pallas kernels' `interpret` (None: off GPU only).
   """
 
   chunk_bytes: int | None = None
   query_block: int = 0
   lanes: int = 1
   kernel: str = 'xla'
+  pallas_interpret: bool | None = None
 
   def __post_init__(self):
     if self.kernel not in KERNELS:
@@ -468,7 +470,7 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     from lintunet_jax import pallas_attention  # pylint: disable=g-import-not-at-top
     return pallas_attention.block_sparse_attention(
         q, k, v, layout=layout, mask=mask, scale=q.shape[-1] ** -0.5,
-        global_kv=global_kv)
+        global_kv=global_kv, interpret=how.pallas_interpret)
   plan = _Plan(layout, mask, q.shape[-1] ** -0.5, how.chunk_bytes, how.lanes)
 
   @jax.custom_vjp

@@ -215,6 +215,12 @@ def _call(kernel, spec: _Spec, grid, tables: _Tables, in_specs, out_specs, out_s
     *args)
 
 
+def _like(x, shape, dtype) -> jax.ShapeDtypeStruct:
+  """An output varying over the same mesh axes as `x`: inside `jax.shard_map`
+  (data-parallel training) Pallas must be told, or it refuses the call."""
+  return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=jax.typeof(x).manual_axis_type)
+
+
 def _rows(block, dim):  # [BH, n, D] arrays, one block of rows per program
   return pl.BlockSpec((None, block, dim), lambda i, bh: (bh, i, 0))
 
@@ -241,8 +247,7 @@ def _forward(spec, tables, q, k, v, gk, gv):
     args += [gk, gv]
   return _call(_forward_kernel, spec, grid, tables, in_specs,
                [_rows(spec.block_q, dim), _stats(spec.block_q)],
-               [jax.ShapeDtypeStruct(q.shape, q.dtype),
-                jax.ShapeDtypeStruct((bh, length), jnp.float32)], *args)
+               [_like(q, q.shape, q.dtype), _like(q, (bh, length), jnp.float32)], *args)
 
 
 def _backward(spec, q_tables, kv_tables, q, k, v, out, lse, do):
@@ -253,13 +258,13 @@ def _backward(spec, q_tables, kv_tables, q, k, v, out, lse, do):
              [_rows(spec.block_q, dim)] + common[1:3] + [_rows(spec.block_q, dim),
                                                          _stats(spec.block_q),
                                                          _stats(spec.block_q)],
-             _rows(spec.block_q, dim), jax.ShapeDtypeStruct(q.shape, jnp.float32),
+             _rows(spec.block_q, dim), _like(q, q.shape, jnp.float32),
              q, k, v, do, lse, delta)
   dk, dv = _call(_dkv_kernel, spec, (length // spec.block_kv, bh), kv_tables,
                  [common[0], _rows(spec.block_kv, dim), _rows(spec.block_kv, dim)]
                  + common[3:],
                  [_rows(spec.block_kv, dim)] * 2,
-                 [jax.ShapeDtypeStruct(k.shape, jnp.float32)] * 2,
+                 [_like(k, k.shape, jnp.float32)] * 2,
                  q, k, v, do, lse, delta)
   return dq, dk, dv, delta
 
@@ -284,16 +289,18 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   """Same maths as `attention_kernels.block_sparse_attention`, as kernels.
 
   q, k, v: [B, H, n, D]; `layout` must be `block_layout(mask, n, ...)`.
-  interpret: None runs compiled on GPU and interpreted elsewhere (for tests).
+  interpret: None runs compiled on GPU and interpreted elsewhere (for tests;
+    not inside `jax.shard_map`). False on a CPU-only machine is for
+    cross-platform lowering (`.lower(lowering_platforms=('cuda',))`).
   """
-  backend = jax.default_backend()
   if interpret is None:
-    interpret = backend != 'gpu'
-  if not interpret and backend != 'gpu':
+    interpret = jax.default_backend() != 'gpu'
+  if interpret and jax.typeof(q).manual_axis_type.varying:
     raise NotImplementedError(
-        f"the Pallas block-sparse kernel targets GPUs (Triton); on '{backend}' "
-        "use the XLA kernel (attention_kernels.schedule(kernel='xla')) or "
-        "interpret=True")
+        "the Pallas kernels cannot run interpreted inside jax.shard_map "
+        "(data-parallel training): JAX's Pallas interpreter does not track "
+        "which values vary across devices. Off GPU use the XLA kernel "
+        "(model.attention.kernel='xla'); on a GPU the kernels run compiled")
   bq, bkv = layout.block_q, layout.block_kv
   if not interpret and (min(bq, bkv) < _MIN_TILE or bq & (bq - 1) or bkv & (bkv - 1)):
     raise ValueError(f'the GPU kernel needs power-of-two tiles of at least {_MIN_TILE}, '

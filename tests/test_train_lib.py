@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
 from flax import nnx
 
+from lintunet_jax import attention_kernels
 from lintunet_jax import input_pipeline
 from lintunet_jax import losses
 from lintunet_jax import metrics as metrics_lib
@@ -222,3 +224,40 @@ def test_eval_step_counts_match_metrics_and_ignore_padding(setup):
   for key in ('iou', 'dice', 'precision', 'recall', 'accuracy'):
     assert result[key] == pytest.approx(expected[key], rel=1e-6), key
   assert result['loss'] == pytest.approx(float(np.mean(want_loss)), rel=1e-4)
+
+
+def _pallas_step(config, image_size):
+  """A data-parallel train step of a width-4 LinTUNet using the Pallas kernels."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.model.attention.kernel = 'pallas'
+  mesh = parallel.create_mesh(jax.devices()[:1])
+  model = train_state_lib.init_model(config.model, seed=0, bn_axis_name='data')
+  model_def, variables = train_state_lib.split_model(model)
+  tx = optim.create_optimizer(config, lambda s: config.learning_rate)
+  state = parallel.replicate(mesh, jax.device_get(
+      train_state_lib.create_train_state(variables, tx, seed=0)))
+  rng = np.random.default_rng()
+  batch = parallel.shard_batch(mesh, {
+      'image': rng.random((8, image_size, image_size, 1), np.float32),
+      'mask': rng.integers(0, 2, (8, image_size, image_size)).astype(np.int32)})
+  return train_lib.make_train_step(model_def, tx, mesh, loss='bce_dice'), state, batch
+
+
+def test_pallas_attention_kernel_lowers_inside_the_data_parallel_step_for_gpus(setup):
+  """The whole train step (shard_map, pmean, custom VJP, donation) with the
+  fused kernels lowers to Triton calls for CUDA; GPU tiles need >= 16 tokens
+  a side, hence 256x256 images (lowered, never run)."""
+  config = ml_collections.ConfigDict(setup['config'].to_dict())
+  config.model.attention.update(block_size=16, seq_len=256, k=16)
+  step, state, batch = _pallas_step(config, 256)
+  with attention_kernels.schedule(pallas_interpret=False):
+    lowered = step.trace(state, batch).lower(lowering_platforms=('cuda',))
+  assert lowered.as_text().count('xla.gpu.triton') >= 3  # forward, dQ, dK/dV
+
+
+def test_pallas_attention_kernel_interpreted_in_shard_map_is_a_clear_error(setup):
+  if jax.default_backend() == 'gpu':
+    pytest.skip('compiled on GPUs')
+  step, state, batch = _pallas_step(setup['config'], 32)
+  with pytest.raises(NotImplementedError, match="model.attention.kernel='xla'"):
+    step.trace(state, batch)
