@@ -67,6 +67,23 @@ def test_rectangular_tiles_and_the_xla_kernel_agree():
   assert rel_err(fused, xla) <= TOL
 
 
+def test_bfloat16_inputs_keep_float32_softmax_and_gradients():
+  n = 64
+  mask = masks.LocalMask(6)
+  (q, k, v, cotangent), global_kv = random_inputs(n, global_len=4, count=4)
+  low = lambda xs: tuple(x.astype(jnp.bfloat16) for x in xs)
+  loss = lambda q, k, v, g: jnp.sum(_pallas(q, k, v, g, mask, 16).astype(jnp.float32) * cotangent)
+  ref_out = ak.dense_attention(q, k, v, mask=dense_mask(mask, n), global_kv=global_kv)
+  out = _pallas(*low((q, k, v)), low(global_kv), mask, 16)
+  assert out.dtype == jnp.bfloat16
+  assert rel_err(out, ref_out) < 3e-2  # bf16 inputs, not a broken softmax
+  grads = jax.grad(loss, (0, 1, 2, 3))(*low((q, k, v)), low(global_kv))
+  refs = jax.grad(loss, (0, 1, 2, 3))(q, k, v, global_kv)
+  for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(refs)):
+    assert got.dtype == jnp.bfloat16
+    assert rel_err(got, want) < 5e-2
+
+
 def test_tables_list_exactly_the_nonempty_tiles():
   tiles = RNG.choice([bl.EMPTY, bl.PARTIAL, bl.FULL], size=(7, 5)).astype(np.int8)
   tables = pa._tables(tiles)
