@@ -177,14 +177,19 @@ def _rows_per_chunk(rows: int, row_bytes: int, budget: int | None) -> int:
   return max(1, min(rows, budget // row_bytes))
 
 
-def _pad_tokens(x: jax.Array, length: int) -> jax.Array:
-  pad = length - x.shape[2]
-  return x if pad == 0 else jnp.pad(x, ((0, 0), (0, 0), (0, pad), (0, 0)))
+def pad_to(x: jax.Array, axis: int, size: int) -> jax.Array:
+  """`x` zero-padded at the end of `axis` to `size` (both attention kernels)."""
+  pad = size - x.shape[axis]
+  if pad == 0:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, pad)
+  return jnp.pad(x, widths)
 
 
 def _to_blocks(x: jax.Array, length: int, block: int) -> jax.Array:
   """[B, H, n, D] -> [B, H, length // block, block, D], zero-padded."""
-  x = _pad_tokens(x, length)
+  x = pad_to(x, 2, length)
   return x.reshape(x.shape[:2] + (length // block, block, x.shape[-1]))
 
 
@@ -466,12 +471,13 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   block = min(block_size, n)
   query_block = min(max(block, how.query_block), n)
   layout = layout_lib.block_layout(mask, n, query_block, block)
+  scale = q.shape[-1] ** -0.5
   if how.kernel == 'pallas':
     from lintunet_jax import pallas_attention  # pylint: disable=g-import-not-at-top
     return pallas_attention.block_sparse_attention(
-        q, k, v, layout=layout, mask=mask, scale=q.shape[-1] ** -0.5,
-        global_kv=global_kv, interpret=how.pallas_interpret)
-  plan = _Plan(layout, mask, q.shape[-1] ** -0.5, how.chunk_bytes, how.lanes)
+        q, k, v, layout=layout, mask=mask, scale=scale, global_kv=global_kv,
+        interpret=how.pallas_interpret)
+  plan = _Plan(layout, mask, scale, how.chunk_bytes, how.lanes)
 
   @jax.custom_vjp
   def attend(q, k, v, global_kv):

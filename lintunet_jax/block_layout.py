@@ -151,16 +151,24 @@ def group_query_blocks(tiles: np.ndarray, max_waste: float = 0.25) -> tuple[Tile
       buckets.append([int(row)])
   groups = []
   for rows in buckets:
-    width = int(counts[rows[0]])
     q_blocks = np.array(sorted(rows), np.int32)
-    kv_blocks = np.zeros((len(rows), width), np.int32)
-    state = np.full((len(rows), width), PADDING, np.int8)
-    for g, row in enumerate(q_blocks):
-      (cols,) = np.nonzero(tiles[row] != EMPTY)
-      kv_blocks[g, :cols.size] = cols
-      state[g, :cols.size] = tiles[row, cols]
-    groups.append(TileGroup(q_blocks, kv_blocks, state))
+    groups.append(TileGroup(q_blocks, *tiles_by_row(tiles, q_blocks, int(counts[rows[0]]))))
   return tuple(groups)
+
+
+def tiles_by_row(tiles: np.ndarray, rows: np.ndarray, width: int):
+  """The non-empty tiles of each of `rows`, left-aligned and padded to `width`.
+
+  Returns (int32 [len(rows), width] the other axis' block of each tile,
+  int8 [len(rows), width] its state, PADDING after the row's last tile).
+  """
+  blocks = np.zeros((len(rows), width), np.int32)
+  state = np.full((len(rows), width), PADDING, np.int8)
+  for g, row in enumerate(rows):
+    (cols,) = np.nonzero(tiles[row] != EMPTY)
+    blocks[g, :cols.size] = cols
+    state[g, :cols.size] = tiles[row, cols]
+  return blocks, state
 
 
 def group_key_blocks(groups: tuple[TileGroup, ...], num_kv_blocks: int,

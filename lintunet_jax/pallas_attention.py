@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
+from lintunet_jax import attention_kernels
 from lintunet_jax import block_layout as layout_lib
 from lintunet_jax import masks as masks_lib
 
@@ -50,7 +51,7 @@ class _Tables:
 
   count: int32 [rows]        how many entries of row r are real.
   index: int32 [rows, width] the other axis' block of each tile.
-  state: int32 [rows, width] PARTIAL or FULL (EMPTY in the padding).
+  state: int32 [rows, width] PARTIAL or FULL (PADDING after `count`).
   """
 
   count: np.ndarray
@@ -59,17 +60,12 @@ class _Tables:
 
 
 def _tables(tiles: np.ndarray) -> _Tables:
-  """Tables of `tiles` [rows, cols] row by row (transpose for columns)."""
-  nonempty = tiles != layout_lib.EMPTY
-  count = nonempty.sum(axis=1).astype(np.int32)
-  width = max(int(count.max(initial=0)), 1)
-  index = np.zeros((tiles.shape[0], width), np.int32)
-  state = np.zeros((tiles.shape[0], width), np.int32)
-  for row in range(tiles.shape[0]):
-    cols = np.flatnonzero(nonempty[row])
-    index[row, :cols.size] = cols
-    state[row, :cols.size] = tiles[row, cols]
-  return _Tables(count, index, state)
+  """Tables of `tiles` [rows, cols] row by row (transpose for columns); one
+  width for all rows, since each kernel program loops to its own count."""
+  count = np.count_nonzero(tiles != layout_lib.EMPTY, axis=1).astype(np.int32)
+  index, state = layout_lib.tiles_by_row(tiles, np.arange(tiles.shape[0]),
+                                         max(int(count.max(initial=0)), 1))
+  return _Tables(count, index, state.astype(np.int32))
 
 
 def _layout_tables(layout: layout_lib.BlockLayout) -> tuple[_Tables, _Tables]:
@@ -269,15 +265,6 @@ def _backward(spec, q_tables, kv_tables, q, k, v, out, lse, do):
   return dq, dk, dv, delta
 
 
-def _pad_to(x, axis, size):
-  pad = size - x.shape[axis]
-  if pad == 0:
-    return x
-  widths = [(0, 0)] * x.ndim
-  widths[axis] = (0, pad)
-  return jnp.pad(x, widths)
-
-
 def _padded_dim(dim: int) -> int:
   return max(_MIN_TILE, pl.next_power_of_2(dim))
 
@@ -314,15 +301,15 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
 
   def prepare(x):  # [B, H, m, D] -> [B*H, m_padded, D_padded]
     x = x.reshape((batch * heads,) + x.shape[2:])
-    return _pad_to(x, 2, dim_p)
+    return attention_kernels.pad_to(x, 2, dim_p)
 
-  qp, kp, vp = (_pad_to(prepare(x), 1, length) for x in (q, k, v))
+  qp, kp, vp = (attention_kernels.pad_to(prepare(x), 1, length) for x in (q, k, v))
   gk = gv = None
   num_global = 0
   if global_kv is not None:
     num_global = global_kv[0].shape[2]
     size = _padded_dim(num_global)
-    gk, gv = (_pad_to(prepare(x), 1, size) for x in global_kv)
+    gk, gv = (attention_kernels.pad_to(prepare(x), 1, size) for x in global_kv)
   spec = _Spec(mask, n, bq, bkv, scale, num_global, interpret)
   q_tables, kv_tables = _layout_tables(layout)
 
