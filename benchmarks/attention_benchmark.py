@@ -314,14 +314,15 @@ def run(args) -> dict:
         start = time.perf_counter()
         compiled = jax.jit(lambda *a: fn(*a)).lower(*inputs).compile()
         row['compile_s'] = time.perf_counter() - start
-        with attention_kernels.chunking(None):  # FLOPs: no loops to undercount
-          row['flops'] = lowered_flops(jax.jit(lambda *a: fn(*a)).lower(*inputs))
-        row['flops_method'] = 'XLA cost analysis of the lowered program, unchunked schedule'
         if kind.startswith('pallas_'):  # cost analysis cannot see inside the kernels
           row['flops'] = None
           row['flops_method'] = 'not measured: XLA cost analysis does not see inside Pallas kernels'
-        if 'while' not in compiled.as_text() and kind.endswith('block_sparse') and not kind.startswith('pallas_'):
-          row['schedule_note'] = 'every group fit one chunk: no loop'
+        else:
+          with attention_kernels.chunking(None):  # FLOPs: no loops to undercount
+            row['flops'] = lowered_flops(jax.jit(lambda *a: fn(*a)).lower(*inputs))
+          row['flops_method'] = 'XLA cost analysis of the lowered program, unchunked schedule'
+          if 'while' not in compiled.as_text() and kind.endswith('block_sparse'):
+            row['schedule_note'] = 'every group fit one chunk: no loop'
         row['schedule'] = str(attention_kernels.current_schedule())
         row['memory'] = memory_stats(compiled)
         row['memory_method'] = 'compiled.memory_analysis(): arguments + outputs + temporaries'
