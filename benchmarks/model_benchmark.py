@@ -53,11 +53,18 @@ from lintunet_jax import throughput  # noqa: E402
 MODELS = {'unet': unet_config, 'lintunet': lintunet_config}
 
 
-def model_config(name: str, size: int, dtype: str):
+def model_config(name: str, size: int, dtype: str, **model_fields):
+  """The recipe's model at `size`; `model_fields` override config.model
+  (`width`, or `attention` as a dict of attention fields)."""
   config = MODELS[name].get_config()
   config.model.dtype = dtype
   config.dataset.image_size = size
   config.model.attention.seq_len = (size // models.DOWNSAMPLING) ** 2
+  for key, value in model_fields.items():
+    if isinstance(value, dict):
+      config.model[key].update(value)
+    else:
+      config.model[key] = value
   return config
 
 
@@ -77,18 +84,18 @@ def measure_peak_matmul(dtype: str, size: int | None = None, runs: int = 5) -> d
                     '(block_until_ready), same run'}
 
 
-def _forward_call(name: str, size: int, dtype: str, batch: int):
-  model = models.create_model(model_config(name, size, dtype).model, seed=0)
+def _forward_call(name: str, size: int, dtype: str, batch: int, **model_fields):
+  model = models.create_model(model_config(name, size, dtype, **model_fields).model, seed=0)
   forward, state = throughput._eval_forward(model)  # pylint: disable=protected-access
   images = jax.random.normal(jax.random.key(1), (batch, size, size, 1), jnp.float32)
   compiled = jax.jit(forward).lower(state, images).compile()
   return compiled, (state, images)
 
 
-def _train_call(name: str, size: int, dtype: str, batch: int):
+def _train_call(name: str, size: int, dtype: str, batch: int, **model_fields):
   from lintunet_jax import optim, parallel, train_lib  # noqa: PLC0415
   from lintunet_jax import train_state as train_state_lib  # noqa: PLC0415
-  config = model_config(name, size, dtype)
+  config = model_config(name, size, dtype, **model_fields)
   mesh = parallel.create_mesh(jax.local_devices()[:1])
   model = models.create_model(config.model, seed=0, bn_axis_name=mesh.axis_names[0])
   model_def, variables = train_state_lib.split_model(model)

@@ -61,6 +61,9 @@ def get_dataset_config() -> ml_collections.ConfigDict:
   ds.channels = 1  # 1 = grayscale, 3 = RGB (converted as needed)
   ds.normalization = 'unit'  # 'unit' (0..1) | 'standardize' (per image) | 'seed'
   ds.augment = True  # train split only
+  # Processes that decode and augment training batches (grain); evaluation
+  # uses as many threads. -1: sized to this host's cores (see
+  # input_pipeline.num_workers).
   ds.num_workers = 2
   ds.prefetch = 2
   ds.num_train_examples = ml_collections.config_dict.placeholder(int)  # subset
@@ -77,6 +80,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.seed = 0  # parameters, data order and augmentation, dropout
   config.batch_size = 32  # global, across all devices and hosts
   config.eval_batch_size = 32  # global; must also divide over the devices
+  # Accelerator recipes state the batch per chip instead: when set, the
+  # global batch_size / eval_batch_size become per-device x device count at
+  # start-up (parallel.resolve_batch_sizes), so one recipe fits a v5e-8, a
+  # v4-32 pod slice or one GPU. A batch_size given alongside must agree.
+  config.per_device_batch_size = ml_collections.config_dict.placeholder(int)
+  config.per_device_eval_batch_size = ml_collections.config_dict.placeholder(int)
   config.num_epochs = 40
   config.num_train_steps = -1  # > 0 overrides num_epochs
   # 'bce' (sigmoid BCE on logits; softmax CE if num_classes > 1) | 'dice'
@@ -91,6 +100,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.warmup_epochs = 0.0  # linear warm-up (any schedule), may be fractional
   config.grad_clip_norm = 1.0  # global-norm clipping; <= 0: none
   config.threshold = 0.5  # probability threshold for binary masks
+  # Fail at start-up when JAX found no GPU/TPU and fell back to the CPU
+  # (a CUDA or TPU install gone wrong would otherwise train for hours on
+  # the host). The :gpu and :tpu recipes set it.
+  config.require_accelerator = False
 
   config.log_every_steps = 10  # one 'train' record (mean loss) per N steps
   config.eval_every_steps = -1  # -1: once per epoch (and always at the end)

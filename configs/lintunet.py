@@ -10,6 +10,16 @@ Variants (the part after the colon):
           depth 1, heads 1, k 64 (34,220,097 parameters).
   quick   a small LinTUNet on the embedded synthetic dataset at 64x64 that
           trains on a 2-core CPU in minutes.
+  gpu     the default model and schedule sized for NVIDIA GPUs: bfloat16
+          compute, 64 images per GPU, one epoch of warm-up.
+  tpu     the same for Cloud TPU VMs (v4/v5e/v5p/v6e): bfloat16, 32 images
+          per chip (a v5e-8 trains a global batch of 256).
+
+The accelerator recipes keep the seed's model, loss, optimizer and step
+schedule; docs/training.md says what changes between CPU, GPU and TPU and
+why. Combine with a dataset as usual, e.g.
+  python train.py --config configs/lintunet.py:gpu --workdir gs://bkt/run \
+      --config.dataset.name=brain_tumor_coco --config.dataset.manual_dir=...
 """
 
 from configs import default
@@ -37,6 +47,30 @@ def get_config(variant: str = ''):
     config.learning_rate = 2e-3
     config.schedule = 'cosine'
     config.warmup_epochs = 0.25
+  elif variant in ('gpu', 'tpu'):
+    accelerator_recipe(config, variant)
   elif variant:
-    raise ValueError(f"unknown variant {variant!r}; use '', 'seed' or 'quick'")
+    raise ValueError(
+        f"unknown variant {variant!r}; use '', 'seed', 'quick', 'gpu' or 'tpu'")
   return config
+
+
+# Images per chip at 256x256 (width 64, bfloat16). A GPU's many SMs need
+# large batches to fill; a TPU chip fills at smaller per-chip batches, and a
+# v5e chip has 16 GB of HBM. benchmarks/accelerator_suite.py measures
+# images/s and planned memory at batch 64 and 128 (results in
+# benchmarks/results/model_<device>.json).
+PER_DEVICE_BATCH = {'gpu': 64, 'tpu': 32}
+
+
+def accelerator_recipe(config, accelerator: str) -> None:
+  """Sizes the seed's recipe for GPUs or TPUs (shared with unet.py)."""
+  config.model.dtype = 'bfloat16'  # parameters and softmax stay float32
+  config.per_device_batch_size = PER_DEVICE_BATCH[accelerator]
+  config.per_device_eval_batch_size = PER_DEVICE_BATCH[accelerator]
+  # A global batch of 64-256 instead of the seed's 32: ramp the rate over
+  # the first epoch, as large-batch Adam recipes do (Goyal et al. 2017).
+  config.warmup_epochs = 1.0
+  config.dataset.num_workers = -1  # sized to the host's cores
+  config.dataset.prefetch = 4
+  config.require_accelerator = True

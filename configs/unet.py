@@ -4,7 +4,8 @@
   python train.py --config configs/unet.py:quick --workdir DIR
 
 Variants: (none) the seed's recipe at 256x256 (31,036,481 parameters);
-quick: the CPU-sized recipe of `lintunet.py:quick`, without attention.
+quick: the CPU-sized recipe of `lintunet.py:quick`, without attention;
+gpu, tpu: the accelerator recipes of `lintunet.py:gpu` / `:tpu`.
 """
 
 from configs import lintunet

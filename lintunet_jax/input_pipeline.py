@@ -14,8 +14,9 @@ Eval: finite, every example exactly once across processes, in full batches
 padded at the end (`valid` = 0, `index` = -1 on padding), the same number
 of batches on every process so collective ops never wait.
 
-Workers: with config.dataset.num_workers > 0 training batches are built in
-that many spawned processes (grain's mp_prefetch) and a thread keeps
+Workers: with config.dataset.num_workers > 0 (-1: sized to the host's
+cores, `num_workers`) training batches are built in that many spawned
+processes (grain's mp_prefetch) and a thread keeps
 config.dataset.prefetch batches ready in this process; with 0, two threads
 of this process build them ahead (decoding and PIL release the GIL). Batch
 contents never depend on this. Evaluation reads with threads, since
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Iterator
 
 import grain
@@ -237,7 +239,7 @@ def create_train_iterator(config, *, process_index: int | None = None,
              .repeat(None)  # reseeds the shuffle every epoch
              .random_map(_TrainTransform(settings), seed=seed)
              .batch(local_batch, drop_remainder=True))
-  workers = config.dataset.num_workers
+  workers = num_workers(config)
   prefetch = max(1, config.dataset.prefetch)
   if workers > 0:
     _allow_grain_flags_without_absl_app()
@@ -298,12 +300,29 @@ def create_eval_iterator(config, split: str, *, batch_size: int | None = None,
   shard = _PaddedShard(source, process_index, process_count,
                        num_batches * batch_size, settings)
   dataset = grain.MapDataset.source(shard).batch(batch_size)
-  threads = max(1, config.dataset.num_workers)
+  threads = max(1, num_workers(config))
   return iter(dataset.to_iter_dataset(grain.ReadOptions(
       num_threads=threads, prefetch_buffer_size=max(threads, 2))))
 
 
 # --- Helpers. -------------------------------------------------------------
+
+
+def num_workers(config) -> int:
+  """config.dataset.num_workers, with -1 sized to this host's cores.
+
+  Auto leaves two cores to the training process (its Python loop and the
+  runtime's host threads) and caps at 32: past that, grain's workers
+  compete for memory bandwidth more than they add decoding throughput.
+  """
+  workers = int(config.dataset.num_workers)
+  if workers >= 0:
+    return workers
+  if workers != -1:
+    raise ValueError(f'config.dataset.num_workers={workers}: use -1 (auto), '
+                     '0 (threads in this process) or a positive count')
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+  return max(0, min(32, (cores or 1) - 2))
 
 
 def _process(index: int | None, count: int | None) -> tuple[int, int]:

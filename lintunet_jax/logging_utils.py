@@ -3,8 +3,10 @@
 `DIR/metrics.jsonl` holds one JSON object per line (format documented in
 docs/training.md):
 
+  {"type": "compile", "step": 1, "first_step_s": 31.2, "time": 9.8}
   {"type": "train", "step": 20, "epoch": 1.25, "loss": 0.41, "grad_norm": 0.9,
-   "lr": 0.001, "images_per_sec": 85.3, "time": 12.4}
+   "lr": 0.001, "images_per_sec": 85.3, "input_wait_fraction": 0.02,
+   "time": 12.4}
   {"type": "eval", "step": 32, "epoch": 2.0, "split": "validation",
    "loss": 0.2, "iou": 0.71, "dice": 0.83, "precision": ..., "recall": ...,
    "accuracy": ..., "iou_per_image": ..., "num_images": 64, ...}

@@ -122,6 +122,67 @@ def check_batch_size(global_batch_size: int, *, mesh: Mesh | None = None,
   return global_batch_size // num_processes
 
 
+def resolve_batch_sizes(config, num_devices: int | None = None):
+  """The config with its global batch sizes fixed from the per-device ones.
+
+  Accelerator recipes say how many images one chip takes
+  (`per_device_batch_size`, `per_device_eval_batch_size`); the global
+  `batch_size` / `eval_batch_size` the rest of the code reads are that
+  times the device count of this run. Returns a copy (the flag-parsed
+  config is locked); with no per-device field set, the config unchanged.
+  """
+  if num_devices is None:
+    num_devices = jax.device_count()
+  pairs = (('per_device_batch_size', 'batch_size'),
+           ('per_device_eval_batch_size', 'eval_batch_size'))
+  if all(config.get(per) is None for per, _ in pairs):
+    return config
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    for per, total in pairs:
+      per_device = config.get(per)
+      if per_device is None:
+        continue
+      if per_device < 1:
+        raise BatchSizeError(f'config.{per}={per_device} must be >= 1')
+      config[total] = per_device * num_devices
+      config[per] = None  # resolved: a saved config.json restores as is
+  logging.info('global batch %d (%d devices), eval batch %d',
+               config.batch_size, num_devices, config.eval_batch_size)
+  return config
+
+
+def describe_platform() -> dict[str, Any]:
+  """What this process runs on, for the start-up log and reports."""
+  devices = jax.devices()
+  return {'platform': devices[0].platform,
+          'device_kind': devices[0].device_kind,
+          'device_count': len(devices),
+          'local_device_count': jax.local_device_count(),
+          'process_index': jax.process_index(),
+          'process_count': jax.process_count()}
+
+
+class NoAcceleratorError(RuntimeError):
+  """JAX fell back to the CPU where a GPU or TPU was required."""
+
+
+def check_accelerator(config) -> dict[str, Any]:
+  """Logs the platform; raises when `config.require_accelerator` is unmet."""
+  info = describe_platform()
+  logging.info('JAX platform %s: %d x %s in %d process(es)', info['platform'],
+               info['device_count'], info['device_kind'], info['process_count'])
+  if config.get('require_accelerator', False) and info['platform'] == 'cpu':
+    raise NoAcceleratorError(
+        'config.require_accelerator is set but JAX found only the CPU '
+        f'({jax.__version__}, backends tried: JAX_PLATFORMS='
+        f'{os.environ.get("JAX_PLATFORMS", "") or "auto"}). Install the '
+        'accelerator build of JAX (README: "Installing for GPUs and TPUs": '
+        'pip install -r requirements-gpu.txt or requirements-tpu.txt), or run '
+        'a CPU recipe / pass --config.require_accelerator=False.')
+  return info
+
+
 def replicate(mesh: Mesh, tree: Any) -> Any:
   """Host values (identical on every process) -> replicated global arrays.
 

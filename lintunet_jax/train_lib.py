@@ -287,6 +287,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   last validation metrics. Idempotent: re-running after a kill continues the
   same run from the last complete checkpoint."""
   parallel.maybe_initialize_distributed(config)
+  parallel.check_accelerator(config)
+  config = parallel.resolve_batch_sizes(config)
   is_main = jax.process_index() == 0
   mesh = parallel.create_mesh()
   local_batch = parallel.check_batch_size(config.batch_size, mesh=mesh)
@@ -340,13 +342,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   last_eval: dict[str, Any] = {}
   pending: list[tuple[int, dict]] = []  # (step, device metrics) not yet read
   interval_start, interval_steps = time.time(), 0
+  input_wait = 0.0  # seconds blocked on the input iterator this interval
   bar = logging_utils.progress_bar(total_steps, step,
                                    enabled=is_main and config.get('progress_bar', True))
   sigterm = _SigtermFlag()
 
   def flush_pending() -> None:
     """Reads the queued step metrics; raises on a non-finite loss."""
-    nonlocal pending, interval_start, interval_steps
+    nonlocal pending, interval_start, interval_steps, input_wait
     if not pending:
       return
     values = [(s, parallel.to_host(m)) for s, m in pending]
@@ -363,22 +366,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           f'{good[-1] if good else "none"} in {checkpointing.checkpoint_dir(workdir)}. '
           'Try a lower learning_rate or grad_clip_norm, or float32 compute.')
     now = time.time()
-    rate = interval_steps * config.batch_size / max(now - interval_start, 1e-9)
-    interval_start, interval_steps = now, 0
+    elapsed = max(now - interval_start, 1e-9)
+    rate = interval_steps * config.batch_size / elapsed
+    wait_fraction = min(1.0, input_wait / elapsed)
+    interval_start, interval_steps, input_wait = now, 0, 0.0
     record = {'epoch': values[-1][0] / steps_per_epoch,
               'loss': float(np.mean([float(m['loss']) for _, m in values])),
               'grad_norm': float(np.mean([float(m['grad_norm']) for _, m in values])),
               'lr': float(schedule(values[-1][0] - 1)),
-              'images_per_sec': round(rate, 2)}
+              'images_per_sec': round(rate, 2),
+              # Share of the interval spent waiting for the next batch:
+              # near 0 when the device is the bottleneck, near 1 when the
+              # input pipeline is (add workers, or prepare smaller images).
+              'input_wait_fraction': round(wait_fraction, 4)}
     writer.write('train', values[-1][0], record)
     bar.set_postfix(loss=f'{record["loss"]:.4f}', img_s=f'{rate:.1f}', refresh=False)
 
   try:
+    first_step = True
     while step < total_steps:
+      wait_start = time.time()
       local = next(train_iter)
+      input_wait += time.time() - wait_start
       batch = parallel.shard_batch(mesh, {'image': local['image'],
                                           'mask': local['mask']})
-      state, step_metrics = train_step(state, batch)
+      if first_step:  # compilation happens here: time it, keep it out of images/s
+        first_step = False
+        compile_start = time.time()
+        state, step_metrics = jax.block_until_ready(train_step(state, batch))
+        writer.write('compile', step + 1, {
+            'first_step_s': round(time.time() - compile_start, 3)})
+        interval_start, input_wait = time.time(), 0.0
+      else:
+        state, step_metrics = train_step(state, batch)
       step += 1
       interval_steps += 1
       pending.append((step, step_metrics))

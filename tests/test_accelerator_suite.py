@@ -1,0 +1,73 @@
+"""benchmarks/accelerator_suite.py: its CPU dry run end to end, so the suite
+that only runs when a GPU is lent cannot rot between device sessions."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests import train_testutil
+
+sys.path.insert(0, str(train_testutil.ROOT / 'benchmarks'))
+import accelerator_suite  # noqa: E402  pylint: disable=wrong-import-position
+
+
+@pytest.mark.parametrize('kind, tag', [
+    ('NVIDIA H200', 'h200'), ('NVIDIA H100 80GB HBM3', 'h100'), ('TPU v5 lite', 'v5'),
+    ('TPU v5e', 'v5e'), ('NVIDIA A100-SXM4-40GB', 'a100'), ('cpu', 'cpu')])
+def test_result_files_are_named_after_the_device(kind, tag):
+  assert accelerator_suite.device_tag(kind) == tag
+
+
+def test_dry_run_measures_every_section_and_checks_the_kernels(tmp_path):
+  out = tmp_path / 'results'
+  proc = subprocess.run(
+      [sys.executable, str(train_testutil.ROOT / 'benchmarks' / 'accelerator_suite.py'),
+       '--dry-run', f'--out={out}', '--budget-s=400'],
+      env=train_testutil.env(), cwd=str(train_testutil.ROOT), capture_output=True,
+      text=True, timeout=400)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+  files = {p.name: json.loads(p.read_text()) for p in out.glob('*.json')}
+  assert sorted(files) == sorted(f'{s}_cpu_dryrun.json' for s in accelerator_suite.SECTIONS)
+  for name, payload in files.items():
+    assert 'error' not in payload, (name, payload.get('traceback'))
+    assert payload['dry_run'] is True
+
+  env = files['environment_cpu_dryrun.json']
+  assert env['measured_peak_matmul']['bfloat16']['peak_flops_per_s'] > 0
+
+  # Every kernel case ran against the dense reference, both kernels within
+  # tolerance (a wrong softmax, mask or gradient fails here), nothing skipped.
+  kernels = files['kernels_cpu_dryrun.json']
+  assert kernels['pallas_correct'] and not kernels['mismatches']
+  cases = {(r['dtype'], r['case']) for r in kernels['rows']}
+  assert len(cases) == 2 * (len(accelerator_suite.attention_benchmark.PATTERNS) + 1)
+  for row in kernels['rows']:
+    assert 'skipped' not in row
+    for kernel in ('xla', 'pallas'):
+      errors = row[f'{kernel}_rel_err']
+      assert set(errors) >= {'out', 'dq', 'dk', 'dv'}
+      assert max(errors.values()) <= accelerator_suite.TOLERANCE[row['dtype']]
+
+  # Pallas kernels that passed section 2 are timed beside the XLA ones.
+  attention = files['attention_cpu_dryrun.json']
+  kinds = {r.get('kind') for r in attention['results'] if 'time_s' in r}
+  assert {'dense', 'linformer', 'block_sparse', 'pallas_block_sparse'} <= kinds
+
+  model = files['model_cpu_dryrun.json']
+  timed = [r for r in model['results'] if 'images_per_s' in r]
+  assert {(r['model'], r['mode']) for r in timed} >= {
+      ('unet', 'forward'), ('lintunet', 'forward'), ('unet', 'train'), ('lintunet', 'train'),
+      ('lintunet/dense', 'forward'), ('lintunet/block_sparse', 'forward')}
+  assert all(0 < r['fraction_of_measured_peak'] for r in timed)
+
+  training = files['training_cpu_dryrun.json']
+  assert training['train_records'][-1]['step'] == training['steps']
+  assert training['images_per_s_median'] > 0
+  assert 0 <= training['input_wait_fraction_median'] <= 1
+  assert training['first_step_s'] > 0
+  assert np.isfinite(training['last_loss'])
+  # The per-device recipe batch became the global batch (1 CPU device).
+  assert training['global_batch_size'] == 4
