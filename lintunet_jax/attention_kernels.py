@@ -177,19 +177,9 @@ def _rows_per_chunk(rows: int, row_bytes: int, budget: int | None) -> int:
   return max(1, min(rows, budget // row_bytes))
 
 
-def pad_to(x: jax.Array, axis: int, size: int) -> jax.Array:
-  """`x` zero-padded at the end of `axis` to `size` (both attention kernels)."""
-  pad = size - x.shape[axis]
-  if pad == 0:
-    return x
-  widths = [(0, 0)] * x.ndim
-  widths[axis] = (0, pad)
-  return jnp.pad(x, widths)
-
-
 def _to_blocks(x: jax.Array, length: int, block: int) -> jax.Array:
   """[B, H, n, D] -> [B, H, length // block, block, D], zero-padded."""
-  x = pad_to(x, 2, length)
+  x = layout_lib.pad_to(x, 2, length)
   return x.reshape(x.shape[:2] + (length // block, block, x.shape[-1]))
 
 

@@ -24,6 +24,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from lintunet_jax import masks as masks_lib
@@ -226,3 +228,13 @@ def block_layout(mask: masks_lib.Mask, seq_len: int, block_q: int,
   groups = group_query_blocks(tiles)
   return BlockLayout(seq_len, block_q, block_kv, tiles, groups,
                      group_key_blocks(groups, tiles.shape[1]))
+
+
+def pad_to(x: jax.Array, axis: int, size: int) -> jax.Array:
+  """`x` zero-padded at the end of `axis` to `size` (both attention kernels)."""
+  pad = size - x.shape[axis]
+  if pad == 0:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, pad)
+  return jnp.pad(x, widths)

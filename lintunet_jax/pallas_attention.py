@@ -35,7 +35,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from lintunet_jax import attention_kernels
 from lintunet_jax import block_layout as layout_lib
 from lintunet_jax import masks as masks_lib
 
@@ -301,15 +300,15 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
 
   def prepare(x):  # [B, H, m, D] -> [B*H, m_padded, D_padded]
     x = x.reshape((batch * heads,) + x.shape[2:])
-    return attention_kernels.pad_to(x, 2, dim_p)
+    return layout_lib.pad_to(x, 2, dim_p)
 
-  qp, kp, vp = (attention_kernels.pad_to(prepare(x), 1, length) for x in (q, k, v))
+  qp, kp, vp = (layout_lib.pad_to(prepare(x), 1, length) for x in (q, k, v))
   gk = gv = None
   num_global = 0
   if global_kv is not None:
     num_global = global_kv[0].shape[2]
     size = _padded_dim(num_global)
-    gk, gv = (attention_kernels.pad_to(prepare(x), 1, size) for x in global_kv)
+    gk, gv = (layout_lib.pad_to(prepare(x), 1, size) for x in global_kv)
   spec = _Spec(mask, n, bq, bkv, scale, num_global, interpret)
   q_tables, kv_tables = _layout_tables(layout)
 
