@@ -63,9 +63,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from lintunet_jax import attention_kernels  # noqa: E402
-from lintunet_jax import block_layout  # noqa: E402
-from lintunet_jax import masks  # noqa: E402
+from lintunet_jax.attention import xla as attention_kernels  # noqa: E402
+from lintunet_jax.attention import layout as block_layout  # noqa: E402
+from lintunet_jax.attention import masks  # noqa: E402
 from lintunet_jax import throughput  # noqa: E402
 
 # Patterns over a grid `w` tokens wide (w = sqrt(n)). Their parameters are

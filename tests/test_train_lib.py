@@ -10,7 +10,7 @@ import optax
 import pytest
 from flax import nnx
 
-from lintunet_jax import attention_kernels
+from lintunet_jax.attention import xla as attention_kernels
 from lintunet_jax import input_pipeline
 from lintunet_jax import losses
 from lintunet_jax import metrics as metrics_lib

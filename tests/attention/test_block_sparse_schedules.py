@@ -1,6 +1,6 @@
 """The block-sparse kernel's execution schedules: chunked loops, custom VJP.
 
-`test_attention_kernels.py` checks the maths at sizes where every group runs
+`test_xla.py` checks the maths at sizes where every group runs
 as one batched op; here the chunk budget is forced small so that every pass
 (forward, query-major and key-major backward) loops over several chunks,
 including ragged last chunks, groups that see no key, and global keys.
@@ -11,10 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lintunet_jax import attention_kernels as ak
-from lintunet_jax import block_layout as bl
-from lintunet_jax import masks
-from tests.attention_testutil import dense_mask, random_inputs, rel_err
+from lintunet_jax.attention import xla as ak
+from lintunet_jax.attention import layout as bl
+from lintunet_jax.attention import masks
+from tests.attention.attention_testutil import dense_mask, random_inputs, rel_err
 
 TOL = 1e-5
 

@@ -4,7 +4,7 @@ Two implementations of the same maths:
 
 * `dense_attention`: the reference. Materialises the full n x n scores.
 * `block_sparse_attention`: computes only the non-empty tiles of a
-  `block_layout`, gathering for each query block just the key/value blocks
+  `layout.block_layout`, gathering for each query block just the key/value blocks
   it may see, so FLOPs and memory grow with the number of non-empty tiles.
 
 Both accept `global_kv`: extra keys/values every query sees (Linformer's k
@@ -36,7 +36,7 @@ How `block_sparse_attention` executes (same maths on every backend):
   analysis counts a loop body once, so for FLOP counts trace under
   `chunking(None)`, which does the same arithmetic unchunked.
 * `Schedule.kernel='pallas'` hands the same layout to the fused kernels of
-  `pallas_attention` instead (GPU; interpreted elsewhere, for tests).
+  `pallas` instead (GPU; interpreted elsewhere, for tests).
 """
 
 from __future__ import annotations
@@ -49,8 +49,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lintunet_jax import block_layout as layout_lib
-from lintunet_jax import masks as masks_lib
+from lintunet_jax.attention import layout as layout_lib
+from lintunet_jax.attention import masks as masks_lib
 
 GlobalKV = Optional[tuple[jax.Array, jax.Array]]  # ([B,H,k,D], [B,H,k,D])
 
@@ -114,7 +114,7 @@ class Schedule:
     may run concurrently on different cores (one loop of small matmuls keeps
     about one core busy); no gain could be shown on the loaded test machine.
   kernel: 'xla' (these XLA ops, every backend) or 'pallas' (the fused
-    kernels of `pallas_attention`: compiled on GPU, interpreted elsewhere,
+    kernels of `pallas`: compiled on GPU, interpreted elsewhere,
     which is only useful for testing; opt-in until timed on a GPU).
   pallas_interpret: the Pallas kernels' `interpret` (None: off GPU only).
   """
@@ -463,7 +463,7 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   layout = layout_lib.block_layout(mask, n, query_block, block)
   scale = q.shape[-1] ** -0.5
   if how.kernel == 'pallas':
-    from lintunet_jax import pallas_attention  # pylint: disable=g-import-not-at-top
+    from lintunet_jax.attention import pallas as pallas_attention  # pylint: disable=g-import-not-at-top
     return pallas_attention.block_sparse_attention(
         q, k, v, layout=layout, mask=mask, scale=scale, global_kv=global_kv,
         interpret=how.pallas_interpret)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from lintunet_jax import masks
+from lintunet_jax.attention import masks
 
 
 def _dense(mask, n):

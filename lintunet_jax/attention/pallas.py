@@ -1,6 +1,6 @@
 """Block-sparse attention as fused Pallas kernels (GPU), FlashAttention-style.
 
-Why a second implementation: `attention_kernels.block_sparse_attention`
+Why a second implementation: `xla.block_sparse_attention`
 expresses the sparse maths with XLA ops, so every gathered key tile, every
 score tile and every probability tile is written to and read back from
 memory, and the forward keeps the probabilities for the backward. On a GPU a
@@ -20,9 +20,9 @@ keys (`global_kv`) join the same softmax inside the forward kernel; their
 backward is small dense XLA maths.
 
 Status: correctness is tested on CPU in Pallas interpret mode against the
-dense reference (tests/test_pallas_attention.py); compiling and timing it on
+dense reference (tests/attention/test_pallas.py); compiling and timing it on
 a GPU has not been possible yet (no GPU was lent to the sessions that wrote
-it), so it is opt-in: `attention_kernels.schedule(kernel='pallas')`.
+it), so it is opt-in: `xla.schedule(kernel='pallas')`.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from lintunet_jax import block_layout as layout_lib
-from lintunet_jax import masks as masks_lib
+from lintunet_jax.attention import layout as layout_lib
+from lintunet_jax.attention import masks as masks_lib
 
 # A finite "minus infinity" for masked scores: keeps max/exp free of
 # inf - inf; masked probabilities are zeroed explicitly anyway.
@@ -272,7 +272,7 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                            layout: layout_lib.BlockLayout, mask: masks_lib.Mask,
                            scale: float, global_kv=None,
                            interpret: bool | None = None) -> jax.Array:
-  """Same maths as `attention_kernels.block_sparse_attention`, as kernels.
+  """Same maths as `xla.block_sparse_attention`, as kernels.
 
   q, k, v: [B, H, n, D]; `layout` must be `block_layout(mask, n, ...)`.
   interpret: None runs compiled on GPU and interpreted elsewhere (for tests;

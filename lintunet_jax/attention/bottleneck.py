@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lintunet_jax import attention_kernels
-from lintunet_jax import masks as masks_lib
+from lintunet_jax.attention import xla as attention_kernels
+from lintunet_jax.attention import masks as masks_lib
 
 KINDS = ('dense', 'linformer', 'block_sparse', 'linformer_block_sparse')
 LAYER_NORM_EPSILON = 1e-5  # PyTorch's default, which the seed used

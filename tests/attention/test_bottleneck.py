@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lintunet_jax import attention
-from lintunet_jax import masks
+from lintunet_jax.attention import bottleneck as attention
+from lintunet_jax.attention import masks
 
 RNG = np.random.default_rng()
 

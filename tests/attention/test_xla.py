@@ -5,10 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lintunet_jax import attention_kernels as ak
-from lintunet_jax import block_layout as bl
-from lintunet_jax import masks
-from tests.attention_testutil import RNG, dense_mask, random_inputs, rel_err
+from lintunet_jax.attention import xla as ak
+from lintunet_jax.attention import layout as bl
+from lintunet_jax.attention import masks
+from tests.attention.attention_testutil import RNG, dense_mask, random_inputs, rel_err
 
 TOL = 1e-5
 

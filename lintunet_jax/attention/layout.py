@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lintunet_jax import masks as masks_lib
+from lintunet_jax.attention import masks as masks_lib
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 PADDING = -1

@@ -3,7 +3,7 @@
 A mask is a pure function `(q_index, kv_index) -> bool` over token indices,
 evaluated elementwise on broadcasting integer arrays. The same object is
 evaluated with NumPy at trace time (to find which tiles of the score matrix
-are empty, partial or full; see `block_layout`) and with jax.numpy inside
+are empty, partial or full; see `layout`) and with jax.numpy inside
 the compiled kernel (to mask partial tiles). It therefore uses only
 operators that both libraries share: comparisons, `//`, `%`, `&`, `|`, `~`.
 

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from lintunet_jax import block_layout as bl
-from lintunet_jax import masks
+from lintunet_jax.attention import layout as bl
+from lintunet_jax.attention import masks
 
 
 def _brute_force_tiles(mask, n, block):
