@@ -46,7 +46,7 @@ from lintunet_jax import parallel  # noqa: E402
 from lintunet_jax import throughput  # noqa: E402
 from lintunet_jax import train_lib  # noqa: E402
 from lintunet_jax import train_state as train_state_lib  # noqa: E402
-from lintunet_jax.datasets import synthetic_mri  # noqa: E402
+from lintunet_jax.data.datasets import synthetic_mri  # noqa: E402
 
 
 def _load() -> list[float] | None:

@@ -32,7 +32,7 @@ import numpy as np
 from flax import nnx
 
 from lintunet_jax import checkpointing
-from lintunet_jax import input_pipeline
+from lintunet_jax.data import pipeline as input_pipeline
 from lintunet_jax import logging_utils
 from lintunet_jax import metrics as metrics_lib
 from lintunet_jax import models

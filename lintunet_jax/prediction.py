@@ -38,8 +38,8 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
-from lintunet_jax import image_io
-from lintunet_jax import input_pipeline
+from lintunet_jax.data import image_io
+from lintunet_jax.data import pipeline as input_pipeline
 from lintunet_jax import metrics as metrics_lib
 from lintunet_jax import visualize
 

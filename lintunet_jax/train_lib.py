@@ -37,7 +37,7 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from lintunet_jax import checkpointing
-from lintunet_jax import input_pipeline
+from lintunet_jax.data import pipeline as input_pipeline
 from lintunet_jax import logging_utils
 from lintunet_jax import losses
 from lintunet_jax import metrics as metrics_lib

@@ -25,7 +25,7 @@ from sklearn import metrics as skm
 
 from lintunet_jax import checkpointing
 from lintunet_jax import evaluation
-from lintunet_jax import input_pipeline
+from lintunet_jax.data import pipeline as input_pipeline
 from lintunet_jax import logging_utils
 from lintunet_jax import models
 from lintunet_jax import prediction

@@ -37,7 +37,7 @@ CODE = textwrap.dedent('''
     import jax, numpy as np
     from lintunet_jax import checkpointing, optim, train_lib
     from lintunet_jax import train_state as tsl
-    from lintunet_jax.datasets import synthetic_mri
+    from lintunet_jax.data.datasets import synthetic_mri
     assert jax.process_count() == num_processes and jax.process_index() == process_id
     images, masks = synthetic_mri.generate(8, 32, seed=(0, 0))
     rows = slice(process_id * 8 // num_processes, (process_id + 1) * 8 // num_processes)

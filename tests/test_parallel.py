@@ -27,7 +27,7 @@ CODE = textwrap.dedent('''
     import jax, numpy as np, optax
     from lintunet_jax import optim, parallel, train_lib
     from lintunet_jax import train_state as tsl
-    from lintunet_jax.datasets import synthetic_mri
+    from lintunet_jax.data.datasets import synthetic_mri
     from tests import train_testutil as tu
 
     sizes = {sizes}

@@ -19,8 +19,8 @@ import pytest
 from PIL import Image
 
 from lintunet_jax import checkpointing
-from lintunet_jax import image_io
-from lintunet_jax import input_pipeline
+from lintunet_jax.data import image_io
+from lintunet_jax.data import pipeline as input_pipeline
 from lintunet_jax import metrics
 from lintunet_jax import models
 from tests.eval_testutil import ROOT, cli_env, tiny_config

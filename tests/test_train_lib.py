@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from lintunet_jax.attention import xla as attention_kernels
-from lintunet_jax import input_pipeline
+from lintunet_jax.data import pipeline as input_pipeline
 from lintunet_jax import losses
 from lintunet_jax import metrics as metrics_lib
 from lintunet_jax import optim

@@ -30,7 +30,7 @@ def data_dir(tmp_path_factory) -> str:
   path = tmp_path_factory.getbasetemp() / 'train_tests_tfds'
   marker = path / 'READY'
   if not marker.exists():
-    from lintunet_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+    from lintunet_jax.data import pipeline as input_pipeline  # pylint: disable=g-import-not-at-top
     input_pipeline.prepare_dataset(tiny_config(str(path)))
     marker.write_text('ok')
   return str(path)

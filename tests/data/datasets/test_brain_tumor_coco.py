@@ -9,7 +9,7 @@ import pytest
 from datasets_testlib import (prepare, read_split, reference_polygon_mask,
                               save, simple_coco_export, textured_image,
                               write_coco_split)
-from lintunet_jax.datasets import base, rasterize
+from lintunet_jax.data.datasets import base, rasterize
 
 
 def test_clean_export_maps_splits_and_stores_exact_pixels(tmp_path):

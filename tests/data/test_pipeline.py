@@ -15,12 +15,12 @@ import pytest
 from PIL import Image
 
 from configs import default
-from lintunet_jax import input_pipeline
-from lintunet_jax.datasets import transforms
+from lintunet_jax.data import pipeline as input_pipeline
+from lintunet_jax.data.datasets import transforms
 
 NUM_TRAIN, NUM_VALIDATION = 20, 7
 HEIGHT, WIDTH = 24, 20
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _square(i):
@@ -280,5 +280,5 @@ def test_synthetic_default_by_name_and_no_tensorflow(tmp_path):
   assert batch['image'].std() > 0.05 and batch['mask'].max() == 1
   assert 'tensorflow' not in sys.modules
   subprocess.run(
-      [sys.executable, '-c', 'import lintunet_jax.input_pipeline, sys; '
+      [sys.executable, '-c', 'import lintunet_jax.data.pipeline, sys; '
        "assert 'tensorflow' not in sys.modules"], check=True, cwd=REPO)

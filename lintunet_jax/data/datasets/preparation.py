@@ -25,11 +25,11 @@ import psutil
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import shuffle as tfds_shuffle
 
-from lintunet_jax.datasets import base
-from lintunet_jax.datasets import brain_tumor_coco  # noqa: F401  (registers)
-from lintunet_jax.datasets import segmentation_folder
-from lintunet_jax.datasets import synthetic_mri  # noqa: F401  (registers)
-from lintunet_jax.datasets.report import PreparationReport
+from lintunet_jax.data.datasets import base
+from lintunet_jax.data.datasets import brain_tumor_coco  # noqa: F401  (registers)
+from lintunet_jax.data.datasets import segmentation_folder
+from lintunet_jax.data.datasets import synthetic_mri  # noqa: F401  (registers)
+from lintunet_jax.data.datasets.report import PreparationReport
 
 # Our builders: name -> function(channels, num_classes) -> builder config.
 OURS = {

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import tensorflow_datasets as tfds
 
-from lintunet_jax import image_io
-from lintunet_jax.datasets import base, coco
+from lintunet_jax.data import image_io
+from lintunet_jax.data.datasets import base, coco
 
 
 @dataclasses.dataclass

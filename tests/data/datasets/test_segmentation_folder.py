@@ -5,7 +5,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from datasets_testlib import prepare, read_split, save, textured_image
-from lintunet_jax.datasets import DataError, base, segmentation_folder
+from lintunet_jax.data.datasets import DataError, base, segmentation_folder
 
 
 def _mask(seed, height, width, values=(0, 255)):

@@ -20,8 +20,8 @@ from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
-from lintunet_jax.datasets import report as report_lib
-from lintunet_jax.datasets import transforms
+from lintunet_jax.data.datasets import report as report_lib
+from lintunet_jax.data.datasets import transforms
 
 # Key under `info.metadata` holding the PreparationReport.
 REPORT_KEY = 'preparation_report'

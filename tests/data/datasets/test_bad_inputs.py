@@ -8,8 +8,8 @@ import pytest
 
 from datasets_testlib import (leftovers, prepare, save, simple_coco_export,
                               textured_image, write_coco_split)
-from lintunet_jax.datasets import DataError
-from lintunet_jax.image_io import ImageReadError
+from lintunet_jax.data.datasets import DataError
+from lintunet_jax.data.image_io import ImageReadError
 
 
 def _coco(tmp_path):
@@ -184,7 +184,7 @@ def test_missing_manual_dir_is_a_clear_error(tmp_path):
 def test_split_too_large_for_memory_without_tensorflow(tmp_path, monkeypatch):
   """TFDS spills big splits through TensorFlow; without it we fail clearly
   (and cleanly) instead of with TFDS's ModuleNotFoundError."""
-  from lintunet_jax.datasets import preparation  # pylint: disable=g-import-not-at-top
+  from lintunet_jax.data.datasets import preparation  # pylint: disable=g-import-not-at-top
   if preparation._has_tensorflow():  # pylint: disable=protected-access
     pytest.skip('TensorFlow installed: TFDS can spill to disk')
   monkeypatch.setattr(preparation.tfds_shuffle, 'MAX_MEM_BUFFER_SIZE', 100)

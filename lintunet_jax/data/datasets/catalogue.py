@@ -54,7 +54,7 @@ def adapter_for(name: str, feature_keys) -> Adapter:
     raise ValueError(
         f'dataset {name!r} has features {sorted(keys)}; expected an image '
         f'({" or ".join(IMAGE_KEYS)}) and a mask ({" or ".join(MASK_KEYS)}). '
-        'Add an Adapter for it to lintunet_jax/datasets/catalogue.py.')
+        'Add an Adapter for it to lintunet_jax/data/datasets/catalogue.py.')
   return Adapter(image_key, mask_key, _as_is)
 
 

@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from lintunet_jax import image_io
-from lintunet_jax.datasets import rasterize
-from lintunet_jax.datasets.report import DataError, PreparationReport, list_some
+from lintunet_jax.data import image_io
+from lintunet_jax.data.datasets import rasterize
+from lintunet_jax.data.datasets.report import DataError, PreparationReport, list_some
 
 ANNOTATION_FILE = '_annotations.coco.json'
 # Export folder name -> our split name.

@@ -2,7 +2,7 @@
 
 The reference rasteriser is deliberately the naive one (every pixel centre,
 every edge, PNPOLY's crossing test) so it shares no code or vectorisation
-trick with lintunet_jax.datasets.rasterize.
+trick with lintunet_jax.data.datasets.rasterize.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from configs import default
-from lintunet_jax.datasets import preparation  # also registers the builders
+from lintunet_jax.data.datasets import preparation  # also registers the builders
 
 
 def reference_polygon_mask(xy, height, width) -> np.ndarray:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import tensorflow_datasets as tfds
 
-from lintunet_jax import image_io
-from lintunet_jax.datasets import base, folder_pairs
+from lintunet_jax.data import image_io
+from lintunet_jax.data.datasets import base, folder_pairs
 
 
 @dataclasses.dataclass

@@ -33,7 +33,7 @@ import grain
 import numpy as np
 from grain import experimental as grain_experimental
 
-from lintunet_jax.datasets import catalogue, preparation, transforms
+from lintunet_jax.data.datasets import catalogue, preparation, transforms
 
 Batch = dict[str, np.ndarray]
 

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from datasets_testlib import prepare, read_split, reference_polygon_mask
-from lintunet_jax.datasets import base
+from lintunet_jax.data.datasets import base
 
-SHARED = Path(__file__).resolve().parents[2] / '..' / 'shared' / 'data'
+SHARED = Path(__file__).resolve().parents[3] / '..' / 'shared' / 'data'
 SEED = SHARED / 'brain_tumor_seed'
 POLYGONS = SHARED / 'brain_tumor_polygons'
 

@@ -3,7 +3,7 @@
 import numpy as np
 import tensorflow_datasets as tfds
 
-from lintunet_jax.datasets import base, synthetic_mri
+from lintunet_jax.data.datasets import base, synthetic_mri
 
 SIZE = 96
 

@@ -19,7 +19,7 @@ import dataclasses
 import numpy as np
 import tensorflow_datasets as tfds
 
-from lintunet_jax.datasets import base
+from lintunet_jax.data.datasets import base
 
 _SPLIT_IDS = {'train': 0, 'validation': 1, 'test': 2}
 _CHUNK = 250  # slices generated at once (bounds memory at ~100 MB)

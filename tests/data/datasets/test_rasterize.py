@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from datasets_testlib import reference_polygon_mask
-from lintunet_jax.datasets import rasterize
+from lintunet_jax.data.datasets import rasterize
 
 
 def _fill(xy, height, width):

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from datasets_testlib import config_for
-from lintunet_jax import input_pipeline
-from lintunet_jax.datasets import catalogue, preparation
+from lintunet_jax.data import pipeline as input_pipeline
+from lintunet_jax.data.datasets import catalogue, preparation
 
 
 def test_pet_trimap_to_binary_and_three_classes():

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lintunet_jax import image_io
-from lintunet_jax.image_io import ImageReadError
+from lintunet_jax.data import image_io
+from lintunet_jax.data.image_io import ImageReadError
 
 
 def _pixels(seed, shape):

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from lintunet_jax import image_io
-from lintunet_jax.datasets.coco import split_folders
-from lintunet_jax.datasets.report import DataError, PreparationReport, list_some
+from lintunet_jax.data import image_io
+from lintunet_jax.data.datasets.coco import split_folders
+from lintunet_jax.data.datasets.report import DataError, PreparationReport, list_some
 
 IMAGE_DIR_NAMES = ('images', 'image', 'imgs')
 MASK_DIR_NAMES = ('masks', 'mask', 'labels', 'annotations')
