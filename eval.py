@@ -93,7 +93,7 @@ def main(argv):
     raise app.UsageError('--workdir is required')
   quiet_libraries()
   from lintunet_jax import evaluation  # pylint: disable=import-outside-toplevel
-  from lintunet_jax import parallel  # pylint: disable=import-outside-toplevel
+  from lintunet_jax.training import parallel  # pylint: disable=import-outside-toplevel
   config = _CONFIG.value
   parallel.maybe_initialize_distributed(config)
   try:

@@ -86,8 +86,8 @@ def _forward_call(name: str, size: int, dtype: str, batch: int):
 
 
 def _train_call(name: str, size: int, dtype: str, batch: int):
-  from lintunet_jax import optim, parallel, train_lib  # noqa: PLC0415
-  from lintunet_jax import train_state as train_state_lib  # noqa: PLC0415
+  from lintunet_jax.training import optim, parallel, loop as train_lib  # noqa: PLC0415
+  from lintunet_jax.training import state as train_state_lib  # noqa: PLC0415
   config = model_config(name, size, dtype)
   mesh = parallel.create_mesh(jax.local_devices()[:1])
   model = models.create_model(config.model, seed=0, bn_axis_name=mesh.axis_names[0])

@@ -31,15 +31,15 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from lintunet_jax import checkpointing
+from lintunet_jax.training import checkpointing
 from lintunet_jax.data import pipeline as input_pipeline
-from lintunet_jax import logging_utils
+from lintunet_jax.training import metric_logs as logging_utils
 from lintunet_jax import metrics as metrics_lib
 from lintunet_jax import models
-from lintunet_jax import parallel
+from lintunet_jax.training import parallel
 from lintunet_jax import prediction
 from lintunet_jax import throughput as throughput_lib
-from lintunet_jax import train_lib
+from lintunet_jax.training import loop as train_lib
 from lintunet_jax import visualize
 
 SCHEMA_VERSION = 1

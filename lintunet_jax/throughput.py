@@ -314,8 +314,9 @@ def train_step_throughput(config, *, mesh: jax.sharding.Mesh,
   device, as in `inference_throughput`.
   """
   # Imported here: the forward-pass timers above need none of training.
-  from lintunet_jax import models, optim, parallel, train_lib  # pylint: disable=import-outside-toplevel
-  from lintunet_jax import train_state as train_state_lib  # pylint: disable=import-outside-toplevel
+  from lintunet_jax import models  # pylint: disable=import-outside-toplevel
+  from lintunet_jax.training import optim, parallel, loop as train_lib  # pylint: disable=import-outside-toplevel
+  from lintunet_jax.training import state as train_state_lib  # pylint: disable=import-outside-toplevel
   batch_size = int(batch_size or config.batch_size)
   parallel.check_batch_size(batch_size, mesh=mesh)
   model = models.create_model(config.model, seed=seed,

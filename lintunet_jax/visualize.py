@@ -25,7 +25,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from lintunet_jax import logging_utils
+from lintunet_jax.training import metric_logs as logging_utils
 
 # Class colours (RGB 0..1) for masks; class 0 (background) is never drawn.
 _CLASS_COLOURS = np.array([

@@ -14,8 +14,8 @@ import sys
 
 import pytest
 
-from lintunet_jax import checkpointing
-from lintunet_jax import logging_utils
+from lintunet_jax.training import checkpointing
+from lintunet_jax.training import metric_logs as logging_utils
 from lintunet_jax import models
 from tests.eval_testutil import ROOT, cli_env, tiny_config
 

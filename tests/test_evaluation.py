@@ -23,13 +23,13 @@ import pytest
 from flax import nnx
 from sklearn import metrics as skm
 
-from lintunet_jax import checkpointing
+from lintunet_jax.training import checkpointing
 from lintunet_jax import evaluation
 from lintunet_jax.data import pipeline as input_pipeline
-from lintunet_jax import logging_utils
+from lintunet_jax.training import metric_logs as logging_utils
 from lintunet_jax import models
 from lintunet_jax import prediction
-from lintunet_jax import train_state
+from lintunet_jax.training import state as train_state
 from tests import eval_testutil
 
 FOREGROUND = {0: 0.5, 7: 0.3, 9: 0.7}  # predicted foreground fraction per step

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lintunet_jax import checkpointing
+from lintunet_jax.training import checkpointing
 from lintunet_jax.data import image_io
 from lintunet_jax.data import pipeline as input_pipeline
 from lintunet_jax import metrics

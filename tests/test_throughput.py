@@ -14,7 +14,7 @@ import pytest
 
 from configs import lintunet
 from lintunet_jax import models
-from lintunet_jax import parallel
+from lintunet_jax.training import parallel
 from lintunet_jax import throughput
 
 

@@ -17,9 +17,9 @@ import shutil
 import numpy as np
 import pytest
 
-from lintunet_jax import checkpointing
+from lintunet_jax.training import checkpointing
 from lintunet_jax import evaluation
-from lintunet_jax import logging_utils
+from lintunet_jax.training import metric_logs as logging_utils
 from tests import train_testutil as tu
 
 FIXTURE = pathlib.Path(__file__).resolve().parent / 'fixtures' / 'tiny_workdir'

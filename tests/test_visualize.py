@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lintunet_jax import logging_utils
+from lintunet_jax.training import metric_logs as logging_utils
 from lintunet_jax import visualize
 
 

@@ -167,5 +167,5 @@ def run_python(code: str, *, devices: int = 1, cache: str | None = None,
 
 def train_losses(workdir) -> dict[int, float]:
   """{step: loss} of the 'train' records in DIR/metrics.jsonl."""
-  from lintunet_jax import logging_utils  # pylint: disable=g-import-not-at-top
+  from lintunet_jax.training import metric_logs as logging_utils  # pylint: disable=g-import-not-at-top
   return {r['step']: r['loss'] for r in logging_utils.read_metrics(str(workdir), 'train')}

@@ -36,15 +36,15 @@ from flax import nnx
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from lintunet_jax import checkpointing
+from lintunet_jax.training import checkpointing
 from lintunet_jax.data import pipeline as input_pipeline
-from lintunet_jax import logging_utils
-from lintunet_jax import losses
+from lintunet_jax.training import metric_logs as logging_utils
+from lintunet_jax.training import losses
 from lintunet_jax import metrics as metrics_lib
 from lintunet_jax import models
-from lintunet_jax import optim
-from lintunet_jax import parallel
-from lintunet_jax.train_state import (ModelDef, TrainState, create_train_state,
+from lintunet_jax.training import optim
+from lintunet_jax.training import parallel
+from lintunet_jax.training.state import (ModelDef, TrainState, create_train_state,
                                       init_model, split_model)
 
 PyTree = Any

@@ -8,9 +8,9 @@ import os
 import numpy as np
 import pytest
 
-from lintunet_jax import checkpointing
-from lintunet_jax import logging_utils
-from lintunet_jax import train_state as train_state_lib
+from lintunet_jax.training import checkpointing
+from lintunet_jax.training import metric_logs as logging_utils
+from lintunet_jax.training import state as train_state_lib
 from tests import train_testutil as tu
 
 

@@ -1,5 +1,8 @@
 """Training logs: JSON lines, TensorBoard event files and a progress bar.
 
+(Named metric_logs, not logging: the training modules import the standard
+library's `logging` too, and one name for both would confuse a reader.)
+
 `DIR/metrics.jsonl` holds one JSON object per line (format documented in
 docs/training.md):
 

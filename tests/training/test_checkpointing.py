@@ -12,8 +12,8 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from lintunet_jax import checkpointing
-from lintunet_jax import train_state as train_state_lib
+from lintunet_jax.training import checkpointing
+from lintunet_jax.training import state as train_state_lib
 from tests import train_testutil as tu
 
 

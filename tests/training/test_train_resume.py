@@ -18,8 +18,8 @@ import time
 import numpy as np
 import pytest
 
-from lintunet_jax import checkpointing
-from lintunet_jax import logging_utils
+from lintunet_jax.training import checkpointing
+from lintunet_jax.training import metric_logs as logging_utils
 from tests import train_testutil as tu
 
 STEPS = tu.RESUME['num_train_steps']

@@ -1,7 +1,7 @@
 """The workdir and checkpoint layout: the one place that knows it.
 
   DIR/config.json                 the resolved config of the latest run (JSON)
-  DIR/metrics.jsonl               train/eval records (logging_utils)
+  DIR/metrics.jsonl               train/eval records (metric_logs)
   DIR/tensorboard/                TensorBoard event files
   DIR/checkpoints/<step>/         one orbax checkpoint per saved step:
       model/                      {'params', 'batch_stats'}: pure dicts (StandardSave)
@@ -45,7 +45,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp_lib
 
-from lintunet_jax import train_state as train_state_lib
+from lintunet_jax.training import state as train_state_lib
 
 CONFIG_FILE = 'config.json'
 CHECKPOINT_DIR = 'checkpoints'

@@ -25,7 +25,7 @@ from tests import train_testutil as tu
 CODE = textwrap.dedent('''
     import json, sys
     num_processes, process_id, port, workdir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
-    from lintunet_jax import parallel
+    from lintunet_jax.training import parallel
     from tests import train_testutil as tu
     config = tu.tiny_config('/unused', loss='bce_dice')
     if num_processes > 1:
@@ -35,8 +35,8 @@ CODE = textwrap.dedent('''
     parallel.maybe_initialize_distributed(config)
 
     import jax, numpy as np
-    from lintunet_jax import checkpointing, optim, train_lib
-    from lintunet_jax import train_state as tsl
+    from lintunet_jax.training import checkpointing, optim, loop as train_lib
+    from lintunet_jax.training import state as tsl
     from lintunet_jax.data.datasets import synthetic_mri
     assert jax.process_count() == num_processes and jax.process_index() == process_id
     images, masks = synthetic_mri.generate(8, 32, seed=(0, 0))

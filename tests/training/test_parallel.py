@@ -25,8 +25,8 @@ from tests import train_testutil as tu
 CODE = textwrap.dedent('''
     import json, sys
     import jax, numpy as np, optax
-    from lintunet_jax import optim, parallel, train_lib
-    from lintunet_jax import train_state as tsl
+    from lintunet_jax.training import optim, parallel, loop as train_lib
+    from lintunet_jax.training import state as tsl
     from lintunet_jax.data.datasets import synthetic_mri
     from tests import train_testutil as tu
 
@@ -106,7 +106,7 @@ def test_steps_on_4_and_8_devices_match_one_device(tmp_path_factory):
 def test_wrong_global_batch_size_says_which_sizes_work(tmp_path_factory):
   result = tu.run_python(textwrap.dedent('''
       import json
-      from lintunet_jax import parallel
+      from lintunet_jax.training import parallel
       mesh = parallel.create_mesh()
       try:
         parallel.check_batch_size(10, mesh=mesh)

@@ -12,12 +12,12 @@ from flax import nnx
 
 from lintunet_jax.attention import xla as attention_kernels
 from lintunet_jax.data import pipeline as input_pipeline
-from lintunet_jax import losses
+from lintunet_jax.training import losses
 from lintunet_jax import metrics as metrics_lib
-from lintunet_jax import optim
-from lintunet_jax import parallel
-from lintunet_jax import train_lib
-from lintunet_jax import train_state as train_state_lib
+from lintunet_jax.training import optim
+from lintunet_jax.training import parallel
+from lintunet_jax.training import loop as train_lib
+from lintunet_jax.training import state as train_state_lib
 from tests import train_testutil as tu
 
 
