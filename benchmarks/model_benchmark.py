@@ -10,7 +10,7 @@ Linformer + block-sparse bottleneck with seq_len = (size/16)^2) run side by
 side in interleaved rounds on the same random batch:
 
   forward  the jit-compiled inference forward pass (eval mode), as
-           `lintunet_jax.throughput.benchmark_forward` builds it
+           `lintunet_jax.evaluation.throughput.benchmark_forward` builds it
   train    `train_lib.make_train_step` (forward, backward, Adam update,
            synchronised BatchNorm over a one-device mesh), the state donated
            and threaded from step to step as in training
@@ -48,7 +48,7 @@ from attention_benchmark import (command_line, interleaved_times,  # noqa: E402
 from configs import lintunet as lintunet_config  # noqa: E402
 from configs import unet as unet_config  # noqa: E402
 from lintunet_jax import models  # noqa: E402
-from lintunet_jax import throughput  # noqa: E402
+from lintunet_jax.evaluation import throughput  # noqa: E402
 
 MODELS = {'unet': unet_config, 'lintunet': lintunet_config}
 

@@ -9,7 +9,7 @@ local devices) on the seed's recipe (configs/lintunet.py, configs/unet.py:
 width 64, 256x256 grayscale), one model after the other with the same
 batch. Each step is compiled first (compile time reported, never timed),
 warmed up, then timed call by call with `jax.block_until_ready`
-(`lintunet_jax.throughput.benchmark`, donated state carried over); images/s
+(`lintunet_jax.evaluation.throughput.benchmark`, donated state carried over); images/s
 is global batch / median step time. Data: synthetic MRI slices (values do
 not change the work). The defaults depend on the platform: on CPU a step at
 256x256 takes seconds, so batch 2 and 3 timed steps; on accelerators batch
@@ -43,7 +43,7 @@ from configs import unet as unet_config  # noqa: E402
 from lintunet_jax import models  # noqa: E402
 from lintunet_jax.training import optim  # noqa: E402
 from lintunet_jax.training import parallel  # noqa: E402
-from lintunet_jax import throughput  # noqa: E402
+from lintunet_jax.evaluation import throughput  # noqa: E402
 from lintunet_jax.training import loop as train_lib  # noqa: E402
 from lintunet_jax.training import state as train_state_lib  # noqa: E402
 from lintunet_jax.data.datasets import synthetic_mri  # noqa: E402

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from lintunet_jax.training import checkpointing
-from lintunet_jax import evaluation
+from lintunet_jax.evaluation import report as evaluation
 from lintunet_jax.training import metric_logs as logging_utils
 from tests import train_testutil as tu
 

@@ -41,7 +41,7 @@ from PIL import Image
 from lintunet_jax.data import image_io
 from lintunet_jax.data import pipeline as input_pipeline
 from lintunet_jax import metrics as metrics_lib
-from lintunet_jax import visualize
+from lintunet_jax.evaluation import visualize
 
 
 class PredictionError(ValueError):

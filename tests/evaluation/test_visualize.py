@@ -1,4 +1,4 @@
-"""Overlay and training-curve PNGs from `lintunet_jax.visualize`."""
+"""Overlay and training-curve PNGs from `lintunet_jax.evaluation.visualize`."""
 
 
 import numpy as np
@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from lintunet_jax.training import metric_logs as logging_utils
-from lintunet_jax import visualize
+from lintunet_jax.evaluation import visualize
 
 
 def _png_size(path):

@@ -17,7 +17,7 @@ import pytest
 from lintunet_jax.training import checkpointing
 from lintunet_jax.training import metric_logs as logging_utils
 from lintunet_jax import models
-from tests.eval_testutil import ROOT, cli_env, tiny_config
+from tests.evaluation.eval_testutil import ROOT, cli_env, tiny_config
 
 def run_cli(env, *args, timeout=300):
   proc = subprocess.run([sys.executable, str(ROOT / 'eval.py'), *map(str, args)],

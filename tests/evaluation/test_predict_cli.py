@@ -23,8 +23,8 @@ from lintunet_jax.data import image_io
 from lintunet_jax.data import pipeline as input_pipeline
 from lintunet_jax import metrics
 from lintunet_jax import models
-from tests.eval_testutil import ROOT, cli_env, tiny_config
-from lintunet_jax import prediction
+from tests.evaluation.eval_testutil import ROOT, cli_env, tiny_config
+from lintunet_jax.evaluation import prediction
 
 def run_cli(env, *args, timeout=300):
   return subprocess.run([sys.executable, str(ROOT / 'predict.py'), *map(str, args)],

@@ -6,7 +6,7 @@ import pathlib
 
 from configs import lintunet
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def tiny_config(data_dir, name='lintunet'):

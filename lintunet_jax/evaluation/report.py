@@ -37,10 +37,10 @@ from lintunet_jax.training import metric_logs as logging_utils
 from lintunet_jax import metrics as metrics_lib
 from lintunet_jax import models
 from lintunet_jax.training import parallel
-from lintunet_jax import prediction
-from lintunet_jax import throughput as throughput_lib
+from lintunet_jax.evaluation import prediction
+from lintunet_jax.evaluation import throughput as throughput_lib
 from lintunet_jax.training import loop as train_lib
-from lintunet_jax import visualize
+from lintunet_jax.evaluation import visualize
 
 SCHEMA_VERSION = 1
 CHECKPOINT_ALIASES = ('best', 'latest')

@@ -1,4 +1,4 @@
-"""The measurement logic of `lintunet_jax.throughput` (never the timings).
+"""The measurement logic of `lintunet_jax.evaluation.throughput` (never the timings).
 
 A fake clock and a counting function check what is timed: compile outside,
 warm-up calls untimed, one timing per call covering `block_until_ready`,
@@ -15,7 +15,7 @@ import pytest
 from configs import lintunet
 from lintunet_jax import models
 from lintunet_jax.training import parallel
-from lintunet_jax import throughput
+from lintunet_jax.evaluation import throughput
 
 
 class FakeClock:

@@ -1,4 +1,4 @@
-"""`lintunet_jax.evaluation` end to end on a tiny workdir (in-process).
+"""`lintunet_jax.evaluation.report` end to end on a tiny workdir (in-process).
 
 The workdir holds three checkpoints written with the real checkpointing
 module: step 0 (weights only), step 7 (validation IoU 0.9: the best) and
@@ -24,13 +24,13 @@ from flax import nnx
 from sklearn import metrics as skm
 
 from lintunet_jax.training import checkpointing
-from lintunet_jax import evaluation
+from lintunet_jax.evaluation import report as evaluation
 from lintunet_jax.data import pipeline as input_pipeline
 from lintunet_jax.training import metric_logs as logging_utils
 from lintunet_jax import models
-from lintunet_jax import prediction
+from lintunet_jax.evaluation import prediction
 from lintunet_jax.training import state as train_state
-from tests import eval_testutil
+from tests.evaluation import eval_testutil
 
 FOREGROUND = {0: 0.5, 7: 0.3, 9: 0.7}  # predicted foreground fraction per step
 
