@@ -88,7 +88,7 @@ def _fails(proc, *needles):
 
 # Each case is one process: a few seconds each, most of it imports. More
 # variants of each (missing workdir, 'best' without metrics, bad selectors)
-# run in-process in test_evaluation.py.
+# run in-process in test_report.py.
 
 
 def test_workdir_without_checkpoints(workdirs, tmp_path):
