@@ -69,7 +69,7 @@ def quiet_libraries() -> None:
 
 def _evaluate(workdir: str, checkpoint: str | None, split: str | None, report: str | None,
               config) -> dict:
-  from lintunet_jax import evaluation  # pylint: disable=import-outside-toplevel
+  from lintunet_jax.evaluation import report as evaluation  # pylint: disable=import-outside-toplevel
   try:
     batch_sizes = ([int(b) for b in _TP_BATCH_SIZES.value]
                    if _TP_BATCH_SIZES.value else None)
@@ -92,8 +92,8 @@ def main(argv):
   if not _WORKDIR.value:
     raise app.UsageError('--workdir is required')
   quiet_libraries()
-  from lintunet_jax import evaluation  # pylint: disable=import-outside-toplevel
-  from lintunet_jax import parallel  # pylint: disable=import-outside-toplevel
+  from lintunet_jax.evaluation import report as evaluation  # pylint: disable=import-outside-toplevel
+  from lintunet_jax.training import parallel  # pylint: disable=import-outside-toplevel
   config = _CONFIG.value
   parallel.maybe_initialize_distributed(config)
   try:

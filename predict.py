@@ -48,8 +48,8 @@ def main(argv):
     raise app.UsageError('--workdir, --output and at least one --input are required')
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.ERROR)
-  from lintunet_jax import evaluation  # pylint: disable=import-outside-toplevel
-  from lintunet_jax import prediction  # pylint: disable=import-outside-toplevel
+  from lintunet_jax.evaluation import report as evaluation  # pylint: disable=import-outside-toplevel
+  from lintunet_jax.evaluation import prediction  # pylint: disable=import-outside-toplevel
   files, skipped, _ = prediction.collect_inputs(inputs, recursive=_RECURSIVE.value)
   if not files:  # say so before spending time on the model
     print('predict.py: error: no input image found:', file=sys.stderr)

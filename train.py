@@ -40,9 +40,9 @@ def main(argv):
     logging.set_verbosity(logging.INFO)
     std_logging.getLogger('absl').setLevel(std_logging.ERROR)
     std_logging.getLogger('jax').setLevel(std_logging.WARNING)
-  from lintunet_jax import parallel  # pylint: disable=g-import-not-at-top
+  from lintunet_jax.training import parallel  # pylint: disable=g-import-not-at-top
   parallel.maybe_initialize_distributed(_CONFIG.value)  # before any device use
-  from lintunet_jax import train_lib  # pylint: disable=g-import-not-at-top
+  from lintunet_jax.training import loop as train_lib  # pylint: disable=g-import-not-at-top
   try:
     train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except (train_lib.NonFiniteLossError, parallel.BatchSizeError) as e:

@@ -66,10 +66,10 @@ import numpy as np  # noqa: E402
 
 import attention_benchmark  # noqa: E402
 import model_benchmark  # noqa: E402
-from lintunet_jax import attention_kernels  # noqa: E402
-from lintunet_jax import block_layout  # noqa: E402
-from lintunet_jax import masks  # noqa: E402
-from lintunet_jax import throughput  # noqa: E402
+from lintunet_jax.attention import layout as block_layout  # noqa: E402
+from lintunet_jax.attention import masks  # noqa: E402
+from lintunet_jax.attention import xla as attention_kernels  # noqa: E402
+from lintunet_jax.evaluation import throughput  # noqa: E402
 
 SECTIONS = ('environment', 'kernels', 'attention', 'model', 'training')
 # Share of the remaining budget each section may use (the rest carries on).
@@ -414,20 +414,21 @@ def _training_config(sizes, dry_run: bool, data: str | None, data_dir: str):
 
 
 def run_training(sizes, deadline: float, dry_run: bool, data: str | None) -> dict:
-  from lintunet_jax import logging_utils, train_lib  # pylint: disable=import-outside-toplevel
+  from lintunet_jax.data import pipeline as input_pipeline  # pylint: disable=import-outside-toplevel
+  from lintunet_jax.training import loop as train_lib  # pylint: disable=import-outside-toplevel
+  from lintunet_jax.training import metric_logs  # pylint: disable=import-outside-toplevel
   if not dry_run and not data:
     return {'skipped': 'no --data (the seed export, e.g. ../shared/data/brain_tumor_seed)'}
   with tempfile.TemporaryDirectory() as tmp:
     recipe, config = _training_config(sizes, dry_run, data, os.path.join(tmp, 'tfds'))
     workdir = os.path.join(tmp, 'workdir')
     start = time.perf_counter()
-    from lintunet_jax import input_pipeline  # pylint: disable=import-outside-toplevel
     input_pipeline.prepare_dataset(config)
     prepare_s = time.perf_counter() - start
     start = time.perf_counter()
     final_eval = train_lib.train_and_evaluate(config, workdir)
     wall_s = time.perf_counter() - start
-    records = logging_utils.read_metrics(workdir)
+    records = metric_logs.read_metrics(workdir)
     saved = json.loads(pathlib.Path(workdir, 'config.json').read_text())
   train = [r for r in records if r['type'] == 'train']
   compile_rec = next((r for r in records if r['type'] == 'compile'), {})

@@ -26,7 +26,7 @@ machine's noise hits them alike): each function is jit-compiled first
 (compile time reported, never timed), warmed up once, then timed in
 interleaved rounds - one call of every configuration per round, each call
 timed with `time.perf_counter()` up to `jax.block_until_ready` on its
-outputs, as `lintunet_jax.throughput.time_calls` does - and summarised by
+outputs, as `lintunet_jax.evaluation.throughput.time_calls` does - and summarised by
 the median (`throughput.summarize`). Speed-ups vs dense are medians of the
 per-round ratios. FLOPs are XLA's cost analysis of the lowered program,
 traced unchunked (`attention_kernels.chunking(None)`: the CPU schedule's loops
@@ -63,10 +63,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from lintunet_jax import attention_kernels  # noqa: E402
-from lintunet_jax import block_layout  # noqa: E402
-from lintunet_jax import masks  # noqa: E402
-from lintunet_jax import throughput  # noqa: E402
+from lintunet_jax.attention import xla as attention_kernels  # noqa: E402
+from lintunet_jax.attention import layout as block_layout  # noqa: E402
+from lintunet_jax.attention import masks  # noqa: E402
+from lintunet_jax.evaluation import throughput  # noqa: E402
 
 # Patterns over a grid `w` tokens wide (w = sqrt(n)). Their parameters are
 # fixed or scale with the grid as in the papers they come from.

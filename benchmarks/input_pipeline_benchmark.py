@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from configs import default  # pylint: disable=g-import-not-at-top,wrong-import-position
-from lintunet_jax import input_pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
+from lintunet_jax.data import pipeline as input_pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 SEED_EXPORT = REPO / '..' / 'shared' / 'data' / 'brain_tumor_seed'
 RESULTS = REPO / 'benchmarks' / 'results' / 'input_pipeline_cpu.json'

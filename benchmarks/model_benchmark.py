@@ -10,7 +10,7 @@ Linformer + block-sparse bottleneck with seq_len = (size/16)^2) run side by
 side in interleaved rounds on the same random batch:
 
   forward  the jit-compiled inference forward pass (eval mode), as
-           `lintunet_jax.throughput.benchmark_forward` builds it
+           `lintunet_jax.evaluation.throughput.benchmark_forward` builds it
   train    `train_lib.make_train_step` (forward, backward, Adam update,
            synchronised BatchNorm over a one-device mesh), the state donated
            and threaded from step to step as in training
@@ -48,7 +48,7 @@ from attention_benchmark import (command_line, interleaved_times,  # noqa: E402
 from configs import lintunet as lintunet_config  # noqa: E402
 from configs import unet as unet_config  # noqa: E402
 from lintunet_jax import models  # noqa: E402
-from lintunet_jax import throughput  # noqa: E402
+from lintunet_jax.evaluation import throughput  # noqa: E402
 
 MODELS = {'unet': unet_config, 'lintunet': lintunet_config}
 
@@ -93,8 +93,8 @@ def _forward_call(name: str, size: int, dtype: str, batch: int, **model_fields):
 
 
 def _train_call(name: str, size: int, dtype: str, batch: int, **model_fields):
-  from lintunet_jax import optim, parallel, train_lib  # noqa: PLC0415
-  from lintunet_jax import train_state as train_state_lib  # noqa: PLC0415
+  from lintunet_jax.training import optim, parallel, loop as train_lib  # noqa: PLC0415
+  from lintunet_jax.training import state as train_state_lib  # noqa: PLC0415
   config = model_config(name, size, dtype, **model_fields)
   mesh = parallel.create_mesh(jax.local_devices()[:1])
   model = models.create_model(config.model, seed=0, bn_axis_name=mesh.axis_names[0])

@@ -46,7 +46,7 @@ import numpy as np  # noqa: E402
 
 from attention_benchmark import (command_line, machine_info, paired_ratio,  # noqa: E402
                                  write_json)
-from lintunet_jax import throughput  # noqa: E402
+from lintunet_jax.evaluation import throughput  # noqa: E402
 from model_benchmark import _forward_call, _train_call  # noqa: E402
 
 

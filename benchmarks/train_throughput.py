@@ -3,13 +3,13 @@
   python benchmarks/train_throughput.py                       # this machine's default
   python benchmarks/train_throughput.py --batch_size 32 --dtype bfloat16 --runs 20
 
-Times the real data-parallel training step of `lintunet_jax.train_lib`
+Times the real data-parallel training step of `lintunet_jax.training.loop`
 (forward, backward, pmean, clipping, Adam update; `jax.shard_map` over all
 local devices) on the seed's recipe (configs/lintunet.py, configs/unet.py:
 width 64, 256x256 grayscale), one model after the other with the same
 batch. Each step is compiled first (compile time reported, never timed),
 warmed up, then timed call by call with `jax.block_until_ready`
-(`lintunet_jax.throughput.benchmark`, donated state carried over); images/s
+(`lintunet_jax.evaluation.throughput.benchmark`, donated state carried over); images/s
 is global batch / median step time. Data: synthetic MRI slices (values do
 not change the work). The defaults depend on the platform: on CPU a step at
 256x256 takes seconds, so batch 2 and 3 timed steps; on accelerators batch
@@ -41,12 +41,12 @@ from attention_benchmark import machine_info  # noqa: E402  (shared helper)
 from configs import lintunet as lintunet_config  # noqa: E402
 from configs import unet as unet_config  # noqa: E402
 from lintunet_jax import models  # noqa: E402
-from lintunet_jax import optim  # noqa: E402
-from lintunet_jax import parallel  # noqa: E402
-from lintunet_jax import throughput  # noqa: E402
-from lintunet_jax import train_lib  # noqa: E402
-from lintunet_jax import train_state as train_state_lib  # noqa: E402
-from lintunet_jax.datasets import synthetic_mri  # noqa: E402
+from lintunet_jax.training import optim  # noqa: E402
+from lintunet_jax.training import parallel  # noqa: E402
+from lintunet_jax.evaluation import throughput  # noqa: E402
+from lintunet_jax.training import loop as train_lib  # noqa: E402
+from lintunet_jax.training import state as train_state_lib  # noqa: E402
+from lintunet_jax.data.datasets import synthetic_mri  # noqa: E402
 
 
 def _load() -> list[float] | None:

@@ -37,11 +37,11 @@ def get_model_config() -> ml_collections.ConfigDict:
   attn.ff_mult = 4
   attn.dropout = 0.0
   # Sparse pattern over the (H/16)x(W/16) grid of bottleneck tokens, written
-  # with the constructors of `lintunet_jax.masks` and combined with | and &.
+  # with the constructors of `lintunet_jax.attention.masks` and combined with | and &.
   attn.pattern = 'local_2d(radius=2)'
   attn.block_size = 16  # query/key tile edge for the block-sparse layout
   # 'xla' (every backend) | 'pallas' (fused GPU kernels; opt-in until timed
-  # on a GPU, see lintunet_jax/pallas_attention.py)
+  # on a GPU, see lintunet_jax/attention/pallas.py)
   attn.kernel = 'xla'
   model.attention = attn
   return model

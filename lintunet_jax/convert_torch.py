@@ -553,7 +553,7 @@ def convert(checkpoint: str | os.PathLike, model: str, workdir: str | os.PathLik
                         normalization=normalization)
   net = convert_state_dict(state, config)
 
-  from lintunet_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from lintunet_jax.training import checkpointing  # pylint: disable=g-import-not-at-top
   created = not workdir.exists()
   try:
     checkpointing.write_weights_checkpoint(str(workdir), config, net, step=0)

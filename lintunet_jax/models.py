@@ -22,9 +22,9 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from lintunet_jax import attention as attention_lib
+from lintunet_jax.attention import bottleneck as attention_lib
 from lintunet_jax import layers
-from lintunet_jax import masks as masks_lib
+from lintunet_jax.attention import masks as masks_lib
 
 DOWNSAMPLING = 16  # four 2x2 pools
 

@@ -26,7 +26,7 @@ pytest.importorskip('linformer')
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
 from flax import nnx  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from lintunet_jax import checkpointing  # pylint: disable=wrong-import-position
+from lintunet_jax.training import checkpointing  # pylint: disable=wrong-import-position
 from lintunet_jax import convert_torch  # pylint: disable=wrong-import-position
 from lintunet_jax import models  # pylint: disable=wrong-import-position
 from tests import torch_reference  # pylint: disable=wrong-import-position

@@ -8,7 +8,7 @@ from flax import nnx
 
 from configs import lintunet as lintunet_config
 from configs import unet as unet_config
-from lintunet_jax import attention
+from lintunet_jax.attention import bottleneck as attention
 from lintunet_jax import models
 
 RNG = np.random.default_rng()

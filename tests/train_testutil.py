@@ -30,7 +30,7 @@ def data_dir(tmp_path_factory) -> str:
   path = tmp_path_factory.getbasetemp() / 'train_tests_tfds'
   marker = path / 'READY'
   if not marker.exists():
-    from lintunet_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+    from lintunet_jax.data import pipeline as input_pipeline  # pylint: disable=g-import-not-at-top
     input_pipeline.prepare_dataset(tiny_config(str(path)))
     marker.write_text('ok')
   return str(path)
@@ -167,5 +167,5 @@ def run_python(code: str, *, devices: int = 1, cache: str | None = None,
 
 def train_losses(workdir) -> dict[int, float]:
   """{step: loss} of the 'train' records in DIR/metrics.jsonl."""
-  from lintunet_jax import logging_utils  # pylint: disable=g-import-not-at-top
+  from lintunet_jax.training import metric_logs as logging_utils  # pylint: disable=g-import-not-at-top
   return {r['step']: r['loss'] for r in logging_utils.read_metrics(str(workdir), 'train')}

@@ -1,0 +1,257 @@
+"""Segment new images with a trained model: what `predict.py` does.
+
+  summary = prediction.predict_paths(model, config, ['scan.png', 'folder/'],
+                                     'out/', save_logits=True, overlays=True)
+
+Inputs are image files or folders (their image files, sorted; with
+`recursive=True` also those of sub-folders). Each image is read with
+`image_io.read_image` (the one decoder, so prediction sees what training
+saw), preprocessed with `input_pipeline.preprocess_image` (resize/pad to the
+model's size, normalisation), run through the jit-compiled forward pass in
+fixed-size batches (the last one padded, so one compilation serves all),
+thresholded as in evaluation (`metrics.predict_classes`), and brought back
+to the image's own size with `input_pipeline.restore_mask_size`.
+
+Per input `<stem>` it writes to the output folder:
+  <stem>.png          the mask at the input's size: 0/255 for binary models,
+                      class ids 0..C-1 for multi-class models (uint8 L).
+  <stem>_overlay.png  with `overlays`: image | prediction, side by side.
+  <stem>.npy          with `save_logits`: float32 [S, S, C] raw logits at
+                      model resolution (before resizing back).
+
+An input that cannot be read is skipped with a warning; the others are
+still processed and the skipped ones are listed in the summary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import sys
+from typing import Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from PIL import Image
+
+from lintunet_jax.data import image_io
+from lintunet_jax.data import pipeline as input_pipeline
+from lintunet_jax import metrics as metrics_lib
+from lintunet_jax.evaluation import visualize
+
+
+class PredictionError(ValueError):
+  """Prediction cannot start (e.g. the output would overwrite an input)."""
+
+
+def warn(message: str) -> None:
+  """A warning on stderr that does not break a progress bar."""
+  import tqdm  # pylint: disable=import-outside-toplevel
+  tqdm.tqdm.write(f'warning: {message}', file=sys.stderr)
+
+
+@dataclasses.dataclass
+class PredictSummary:
+  written: list[dict] = dataclasses.field(default_factory=list)
+  # Inputs that could not be processed: missing, unreadable, unsupported.
+  skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+  # Files in input folders without an image suffix (not attempted).
+  ignored: list[str] = dataclasses.field(default_factory=list)
+
+
+def collect_inputs(paths: Sequence[str | os.PathLike], *, recursive: bool = False
+                   ) -> tuple[list[pathlib.Path], list[tuple[str, str]], list[str]]:
+  """(image files to process, [(path, why skipped)], [ignored files]).
+
+  Files named explicitly are always tried (the reader decides whether they
+  are images); in folders, files with an image suffix
+  (`image_io.IMAGE_SUFFIXES`) are taken and other non-hidden files are
+  returned as ignored. Missing paths and folders without any image file are
+  skipped (with the reason).
+  """
+  files: list[pathlib.Path] = []
+  skipped: list[tuple[str, str]] = []
+  ignored: list[str] = []
+  seen = set()
+
+  def add(path: pathlib.Path):
+    key = path.resolve()
+    if key not in seen:
+      seen.add(key)
+      files.append(path)
+
+  for raw in paths:
+    path = pathlib.Path(raw)
+    if path.is_dir():
+      pattern = '**/*' if recursive else '*'
+      entries = sorted(p for p in path.glob(pattern) if p.is_file()
+                       and not any(part.startswith('.') for part in
+                                   p.relative_to(path).parts))
+      images = [p for p in entries if p.suffix.lower() in image_io.IMAGE_SUFFIXES]
+      ignored += [str(p) for p in entries
+                  if p.suffix.lower() not in image_io.IMAGE_SUFFIXES]
+      if not images:
+        skipped.append((str(path), f'folder has no image files (looked for '
+                                   f'{", ".join(image_io.IMAGE_SUFFIXES)}'
+                                   f'{"" if recursive else "; sub-folders need --recursive"}'
+                                   f'; found {len(entries)} other file(s))'))
+      for p in images:
+        add(p)
+    elif path.exists():
+      add(path)
+    else:
+      skipped.append((str(path), 'no such file or folder'))
+  return files, skipped, ignored
+
+
+def output_stems(files: Sequence[pathlib.Path]) -> list[str]:
+  """File stems, made unique by '-2', '-3', ... where two inputs share one."""
+  counts: dict[str, int] = {}
+  stems = []
+  taken = set()
+  for path in files:
+    stem = path.stem
+    counts[stem] = counts.get(stem, 0) + 1
+    candidate = stem if counts[stem] == 1 else f'{stem}-{counts[stem]}'
+    while candidate in taken:
+      counts[stem] += 1
+      candidate = f'{stem}-{counts[stem]}'
+    if candidate != stem:
+      warn(f'{path}: another input has the stem {stem!r}; writing {candidate!r}')
+    taken.add(candidate)
+    stems.append(candidate)
+  return stems
+
+
+def make_forward(model: nnx.Module):
+  """jit(images [B,S,S,C]) -> logits [B,S,S,K], in inference mode."""
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def forward(state, images):
+    module = nnx.merge(graphdef, state)
+    module.eval()
+    return module(images)
+
+  return lambda images: forward(state, images)
+
+
+def mask_to_png_array(mask: np.ndarray, num_classes: int) -> np.ndarray:
+  """uint8 mask for saving: 0/255 for binary models, class ids otherwise."""
+  mask = np.asarray(mask)
+  if num_classes == 1:
+    return np.where(mask > 0, 255, 0).astype(np.uint8)
+  return mask.astype(np.uint8)
+
+
+def _load(path: pathlib.Path, config) -> tuple[np.ndarray, np.ndarray]:
+  """(original uint8 image, preprocessed float32 [S,S,C]); raises on bad input."""
+  original = image_io.read_image(path)
+  try:
+    prepared = input_pipeline.preprocess_image(original, config)
+  except (ValueError, TypeError) as e:
+    raise image_io.ImageReadError(path, f'cannot be preprocessed ({e})') from None
+  return original, np.asarray(prepared, np.float32)
+
+
+def predict_paths(model: nnx.Module, config: ml_collections.ConfigDict,
+                  inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
+                  *, batch_size: int | None = None, save_logits: bool = False,
+                  overlays: bool = False, recursive: bool = False,
+                  progress: bool | None = None) -> PredictSummary:
+  """Masks (and optionally overlays and logits) for every readable input."""
+  files, skipped, ignored = collect_inputs(inputs, recursive=recursive)
+  summary = PredictSummary(skipped=list(skipped), ignored=ignored)
+  for path, why in skipped:
+    warn(f'skipping {path}: {why}')
+  if ignored:
+    warn(f'ignoring {len(ignored)} file(s) without an image suffix in the '
+         f'input folders, e.g. {ignored[0]}')
+  if not files:
+    return summary
+  out_dir = pathlib.Path(out_dir)
+  stems = output_stems(files)
+  sources = {f.resolve() for f in files}
+  for stem in stems:
+    for suffix in ('.png', '_overlay.png', '.npy'):
+      target = (out_dir / f'{stem}{suffix}').resolve()
+      if target in sources:
+        raise PredictionError(
+            f'writing {target} would overwrite an input image; choose an '
+            '--output folder that is not an input folder')
+  out_dir.mkdir(parents=True, exist_ok=True)
+  batch_size = int(batch_size or config.eval_batch_size)
+  batch_size = max(1, min(batch_size, len(files)))
+  size = config.dataset.image_size
+  shape = (size, size, config.model.in_channels)
+  num_classes = config.model.num_classes
+  forward = make_forward(model)
+  if progress is None:
+    progress = len(files) > 1
+  bar = None
+  if progress:
+    import tqdm  # pylint: disable=import-outside-toplevel
+    bar = tqdm.tqdm(total=len(files), desc='predict', unit='img')
+
+  pending: list[tuple[pathlib.Path, str, np.ndarray, np.ndarray]] = []
+
+  def flush():
+    if not pending:
+      return
+    images = np.zeros((batch_size, *shape), np.float32)
+    for i, (_, _, _, prepared) in enumerate(pending):
+      images[i] = prepared
+    logits = forward(jnp.asarray(images))
+    classes = np.asarray(metrics_lib.predict_classes(logits, config.threshold))
+    logits = np.asarray(logits)
+    for i, (path, stem, original, _) in enumerate(pending):
+      mask = input_pipeline.restore_mask_size(classes[i], original.shape[:2], config)
+      mask = np.asarray(mask)
+      entry = {'input': str(path), 'mask': str(out_dir / f'{stem}.png'),
+               'original_size': list(original.shape[:2]),
+               'foreground_fraction': float(np.mean(mask > 0))}
+      Image.fromarray(mask_to_png_array(mask, num_classes)).save(entry['mask'])
+      if save_logits:
+        entry['logits'] = str(out_dir / f'{stem}.npy')
+        np.save(entry['logits'], logits[i].astype(np.float32))
+      if overlays:
+        entry['overlay'] = visualize.save_overlay(
+            out_dir / f'{stem}_overlay.png', original, None, mask,
+            num_classes=max(num_classes, 2), title=path.name)
+      summary.written.append(entry)
+    if bar is not None:
+      bar.update(len(pending))
+    pending.clear()
+
+  for path, stem in zip(files, stems):
+    try:
+      original, prepared = _load(path, config)
+    except image_io.ImageReadError as e:
+      warn(f'skipping {e}')
+      summary.skipped.append((str(path), e.problem))
+      if bar is not None:
+        bar.update(1)
+      continue
+    if prepared.shape != shape:
+      why = f'preprocessed to {prepared.shape}, model expects {shape}'
+      warn(f'skipping {path}: {why}')
+      summary.skipped.append((str(path), why))
+      if bar is not None:
+        bar.update(1)
+      continue
+    pending.append((path, stem, original, prepared))
+    if len(pending) == batch_size:
+      flush()
+  flush()
+  if bar is not None:
+    bar.close()
+  return summary
+
+
+def format_skipped(skipped: Iterable[tuple[str, str]]) -> str:
+  lines = [f'  {path}: {why}' for path, why in skipped]
+  return '\n'.join(lines)

@@ -1,0 +1,470 @@
+"""Evaluate a trained model on a whole split: metrics, throughput, pictures.
+
+  report = evaluation.run(workdir, checkpoint='best', split='test')
+
+does what `eval.py` does: restores the checkpoint and the config saved with
+it (`checkpointing.restore_model`), runs the shared eval step of training
+(`train_lib`) over every example of the split once (padded batches, padding
+ignored), adds its exact counts in a `metrics.MetricAccumulator`, times the
+jit-compiled forward pass (`throughput.inference_throughput`), draws overlays
+and the training curves (`visualize`), and writes a JSON report.
+`docs/evaluation.md` documents every field of the report.
+
+`format_table(reports)` prints one or more reports side by side, as the
+seed's U-Net vs LinTUNet table (F1, IoU, precision, ...) but with numbers
+from the whole split and timings that wait for the device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import pathlib
+import time
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from lintunet_jax.training import checkpointing
+from lintunet_jax.data import pipeline as input_pipeline
+from lintunet_jax.training import metric_logs as logging_utils
+from lintunet_jax import metrics as metrics_lib
+from lintunet_jax import models
+from lintunet_jax.training import parallel
+from lintunet_jax.evaluation import prediction
+from lintunet_jax.evaluation import throughput as throughput_lib
+from lintunet_jax.training import loop as train_lib
+from lintunet_jax.evaluation import visualize
+
+SCHEMA_VERSION = 1
+CHECKPOINT_ALIASES = ('best', 'latest')
+
+
+class EvaluationError(RuntimeError):
+  """A user-facing problem (bad split, bad checkpoint selector, ...)."""
+
+
+# What the CLIs report as "error: <message>" (exit 2) instead of a traceback:
+# each names what is missing and what exists.
+USER_ERRORS = (EvaluationError, FileNotFoundError, checkpointing.CheckpointError)
+
+
+def parse_checkpoint(selector: str | int) -> str | int:
+  """'best' | 'latest' | a step number (int or digits) -> value for restore."""
+  if isinstance(selector, int):
+    return selector
+  text = str(selector).strip().lower()
+  if text in CHECKPOINT_ALIASES:
+    return text
+  if text.isdigit():
+    return int(text)
+  raise EvaluationError(
+      f"--checkpoint must be 'best', 'latest' or a step number, got {selector!r}")
+
+
+# ----------------------------------------------------------------------------
+# Evaluation over a split.
+
+
+@dataclasses.dataclass
+class EvalOutput:
+  metrics: dict[str, Any]
+  loss: float | None
+  seconds: float
+  batch_size: int
+  # Up to `num_samples` examples for overlays: image [n,S,S,C] float32,
+  # mask [n,S,S] int32, prediction [n,S,S] int32, index [n] int32.
+  samples: dict[str, np.ndarray] | None = None
+  notes: list[str] = dataclasses.field(default_factory=list)
+
+
+def check_split(config: ml_collections.ConfigDict, split: str) -> int:
+  """Number of examples of `split`; a clear error if it does not exist."""
+  try:
+    count = input_pipeline.num_examples(config, split)
+  except Exception as e:  # the pipeline says what exists; keep its words
+    raise EvaluationError(
+        f'cannot evaluate split {split!r} of dataset '
+        f'{config.dataset.name!r}: {e}') from e
+  if not count:
+    raise EvaluationError(
+        f'split {split!r} of dataset {config.dataset.name!r} has no examples')
+  return int(count)
+
+
+def _tap(batches: Iterable[Mapping[str, Any]], samples: dict[str, list],
+         num_samples: int, bar) -> Iterator[Mapping[str, Any]]:
+  """Passes batches through, keeping the first valid examples and counting."""
+  kept = 0
+  for batch in batches:
+    valid = np.asarray(batch['valid']) > 0 if 'valid' in batch else (
+        np.ones(len(batch['image']), bool))
+    if kept < num_samples:
+      take = np.flatnonzero(valid)[: num_samples - kept]
+      for key in samples:
+        if key == 'index' and key not in batch:
+          samples[key].append(np.arange(kept, kept + len(take), dtype=np.int32))
+        else:
+          samples[key].append(np.asarray(batch[key])[take])
+      kept += len(take)
+    if bar is not None:
+      bar.update(int(valid.sum()))
+    yield batch
+
+
+def evaluate(model: nnx.Module, config: ml_collections.ConfigDict, split: str,
+             *, mesh: jax.sharding.Mesh | None = None,
+             batch_size: int | None = None, num_samples: int = 0,
+             progress: bool = False) -> EvalOutput:
+  """Metrics of `model` over every example of `split`, each counted once.
+
+  Runs `train_lib.evaluate` with `train_lib.make_eval_step`: the loop and
+  step of training validation, so eval.py and the training log compute
+  their numbers identically. The first `num_samples` examples (in split
+  order) are kept with their predictions for overlays.
+  """
+  mesh = mesh if mesh is not None else parallel.create_mesh()
+  batch_size = int(batch_size or config.eval_batch_size)
+  try:
+    local_batch_size = parallel.check_batch_size(batch_size, mesh=mesh,
+                                                 name='eval_batch_size')
+  except ValueError as e:
+    raise EvaluationError(str(e).replace('(set --config.eval_batch_size=N)',
+                                         '(set --batch_size=N)')) from e
+  total = check_split(config, split)
+  eval_step, variables = train_lib.make_eval_step(model, config, mesh)
+  batches = input_pipeline.create_eval_iterator(
+      config, split, batch_size=local_batch_size,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  bar = None
+  if progress and jax.process_index() == 0:
+    import tqdm  # pylint: disable=import-outside-toplevel
+    bar = tqdm.tqdm(total=total // max(jax.process_count(), 1),
+                    desc=f'eval {split}', unit='img', leave=False)
+  samples: dict[str, list[np.ndarray]] = {'image': [], 'mask': [], 'index': []}
+  start = time.perf_counter()
+  try:
+    result = train_lib.evaluate(eval_step, variables,
+                                _tap(batches, samples, num_samples, bar), mesh)
+  except ValueError as e:
+    if 'no images were evaluated' in str(e):
+      raise EvaluationError(f'split {split!r} produced no images') from e
+    raise
+  finally:
+    if bar is not None:
+      bar.close()
+  seconds = time.perf_counter() - start
+  loss = result.pop('loss', None)
+  notes = []
+  if result['num_images'] != total:
+    notes.append(f"evaluated {result['num_images']} images but split "
+                 f'{split!r} has {total}')
+  sample_arrays = None
+  if samples['image'] and sum(len(x) for x in samples['image']):
+    sample_arrays = {k: np.concatenate(v) for k, v in samples.items()}
+    logits = prediction.make_forward(model)(jnp.asarray(sample_arrays['image']))
+    sample_arrays['prediction'] = np.asarray(
+        metrics_lib.predict_classes(logits, config.threshold))
+  return EvalOutput(metrics=result, loss=loss, seconds=seconds,
+                    batch_size=batch_size, samples=sample_arrays, notes=notes)
+
+
+# ----------------------------------------------------------------------------
+# The report.
+
+
+def default_report_path(workdir: str, split: str, step: int) -> str:
+  return os.path.join(workdir, 'eval', f'{split}-{step}.json')
+
+
+def artifacts_dir(report_path: str) -> str:
+  """Folder for a report's pictures: the report's path without '.json'."""
+  root, ext = os.path.splitext(report_path)
+  return root if ext else report_path + '-files'
+
+
+def model_summary(model: nnx.Module, config: ml_collections.ConfigDict) -> dict:
+  attention = None
+  if config.model.name == 'lintunet':
+    attention = config.model.attention.to_dict()
+  return {
+      'name': config.model.name,
+      'num_parameters': models.count_parameters(model),
+      'width': config.model.width,
+      'in_channels': config.model.in_channels,
+      'num_classes': config.model.num_classes,
+      'dtype': config.model.dtype,
+      'attention': attention,
+  }
+
+
+def build_report(*, workdir: str, checkpoint: str | int, step: int,
+                 config: ml_collections.ConfigDict, model_info: dict,
+                 split: str, output: EvalOutput,
+                 throughput: dict | None, artifacts: dict,
+                 config_source: str,
+                 train_throughput: dict | None = None) -> dict[str, Any]:
+  metrics = dict(output.metrics)
+  metrics['f1'] = metrics['dice']
+  metrics['loss'] = output.loss
+  return {
+      'schema_version': SCHEMA_VERSION,
+      'created': datetime.datetime.now(datetime.timezone.utc).isoformat(
+          timespec='seconds'),
+      'workdir': os.path.abspath(workdir),
+      'checkpoint': {'requested': str(checkpoint), 'step': int(step)},
+      'config_source': config_source,
+      'model': model_info,
+      'data': {
+          'dataset': config.dataset.name,
+          'split': split,
+          'num_images': metrics['num_images'],
+          'image_size': config.dataset.image_size,
+          'channels': config.model.in_channels,
+          'batch_size': output.batch_size,
+      },
+      'threshold': float(config.threshold),
+      'conventions': metrics_lib.CONVENTIONS,
+      'metrics': metrics,
+      'eval_seconds': output.seconds,
+      'throughput': throughput,
+      'train_throughput': train_throughput,
+      'artifacts': artifacts,
+      'notes': list(output.notes),
+      'config': json.loads(config.to_json_best_effort()),
+  }
+
+
+def write_json(path: str, data: dict) -> str:
+  pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
+  tmp = f'{path}.tmp'
+  with open(tmp, 'w', encoding='utf-8') as f:
+    json.dump(data, f, indent=2, sort_keys=False)
+    f.write('\n')
+  os.replace(tmp, path)
+  return path
+
+
+def save_pictures(workdir: str, out_dir: str, output: EvalOutput,
+                  config: ml_collections.ConfigDict, split: str) -> dict:
+  """Overlays of the kept samples and the training curves; their paths."""
+  artifacts: dict[str, Any] = {'overlays': [], 'training_curves': None}
+  if output.samples is not None:
+    s = output.samples
+    names = [f'{split}-{int(i):05d}' for i in s['index']]
+    artifacts['overlays'] = visualize.save_overlays(
+        out_dir, s['image'], s['mask'], s['prediction'], names=names,
+        num_classes=max(config.model.num_classes, 2))
+  log = os.path.join(workdir, logging_utils.METRICS_FILE)
+  if os.path.exists(log):
+    try:
+      artifacts['training_curves'] = visualize.plot_training_curves(
+          workdir, os.path.join(out_dir, 'training_curves.png'),
+          title=f'{config.model.name}: {os.path.basename(os.path.abspath(workdir))}')
+    except ValueError as e:
+      output.notes.append(f'no training curves: {e}')
+  else:
+    output.notes.append(f'no training curves: no training log at {log}')
+  return artifacts
+
+
+def default_checkpoint(workdir: str) -> str:
+  """'best' when some checkpoint has validation metrics, else 'latest'."""
+  return 'best' if checkpointing.best_checkpoint(workdir) is not None else 'latest'
+
+
+def restore(workdir: str, checkpoint: str | int | None,
+            config: ml_collections.ConfigDict | None = None):
+  """checkpointing.restore_model with the errors a user can act on.
+
+  Returns (config, model, step, selector used). A saved config that cannot
+  be parsed or does not describe a model becomes an EvaluationError naming
+  the workdir; missing workdirs/checkpoints and mismatching checkpoints keep
+  checkpointing's own messages (which list what exists).
+  """
+  if not os.path.isdir(workdir):
+    raise EvaluationError(f'workdir {workdir!r} does not exist')
+  selector = (parse_checkpoint(checkpoint) if checkpoint not in (None, '')
+              else default_checkpoint(workdir))
+  try:
+    config, model, step = checkpointing.restore_model(workdir, selector,
+                                                      config=config)
+  except json.JSONDecodeError as e:
+    raise EvaluationError(
+        f'the config saved in {workdir!r} cannot be read ({e}); pass the '
+        'config it was trained with as --config') from e
+  except (KeyError, AttributeError, TypeError) as e:
+    raise EvaluationError(
+        f'cannot build a model from the config of {workdir!r}: missing or '
+        f'invalid field {e}; pass the config it was trained with as --config'
+    ) from e
+  return config, model, step, selector
+
+
+def run(workdir: str, *, checkpoint: str | int | None = None,
+        split: str | None = None,
+        config: ml_collections.ConfigDict | None = None,
+        report_path: str | None = None, num_overlays: int = 4,
+        batch_size: int | None = None,
+        throughput_batch_sizes: Sequence[int] | None = None,
+        throughput_runs: int = 20, throughput_warmup: int = 3,
+        measure_throughput: bool = True, peak_flops: float | None = None,
+        measure_train_step: bool = False,
+        progress: bool = False, mesh: jax.sharding.Mesh | None = None,
+        ) -> dict[str, Any]:
+  """Restore, evaluate, time, draw, and write the report; returns it.
+
+  `checkpoint`: 'best' | 'latest' | step; None picks 'best' when available.
+  `config` (optional) replaces the config saved in `workdir`; the checkpoint
+  must still match it (restore fails clearly otherwise). `split` defaults
+  to the config's `dataset.test_split`. Only process 0 writes files.
+  """
+  config_source = ('override (--config)' if config is not None else
+                   'saved (with the checkpoint, else DIR/config.json)')
+  config, model, step, selector = restore(workdir, checkpoint, config)
+  split = split or config.dataset.test_split
+  mesh = mesh if mesh is not None else parallel.create_mesh()
+  output = evaluate(model, config, split, mesh=mesh, batch_size=batch_size,
+                    num_samples=num_overlays, progress=progress)
+  report_path = report_path or default_report_path(workdir, split, step)
+  out_dir = artifacts_dir(report_path)
+  throughput = None
+  if measure_throughput:
+    throughput = throughput_lib.inference_throughput(
+        model, config, batch_sizes=throughput_batch_sizes,
+        warmup=throughput_warmup, runs=throughput_runs, mesh=mesh,
+        peak_flops=peak_flops)
+  train_throughput = None
+  if measure_train_step:
+    train_throughput = throughput_lib.train_step_throughput(
+        config, mesh=mesh, warmup=min(throughput_warmup, 2),
+        runs=max(1, throughput_runs // 2), peak_flops=peak_flops)
+  writer = jax.process_index() == 0
+  artifacts = (save_pictures(workdir, out_dir, output, config, split) if writer
+               else {'overlays': [], 'training_curves': None})
+  artifacts['folder'] = os.path.abspath(out_dir)
+  report = build_report(
+      workdir=workdir, checkpoint=selector, step=step, config=config,
+      model_info=model_summary(model, config), split=split, output=output,
+      throughput=throughput, train_throughput=train_throughput,
+      artifacts=artifacts, config_source=config_source)
+  report['report_path'] = os.path.abspath(report_path)
+  if writer:
+    write_json(report_path, report)
+  return report
+
+
+def attach_comparison(report: dict, other: dict) -> dict:
+  """Adds `comparison` (the other report's path and the table) and rewrites."""
+  report = dict(report)
+  report['comparison'] = {
+      'workdir': other['workdir'],
+      'report_path': other['report_path'],
+      'model': other['model']['name'],
+      'step': other['checkpoint']['step'],
+      'table': format_table([report, other]),
+  }
+  if jax.process_index() == 0:
+    write_json(report['report_path'], report)
+  return report
+
+
+# ----------------------------------------------------------------------------
+# Tables.
+
+
+def _fmt(value, spec: str) -> str:
+  return 'n/a' if value is None else format(value, spec)
+
+
+def table_rows(report: dict) -> list[tuple[str, str]]:
+  """(label, value) rows of one report, in the seed's table order."""
+  m = report['metrics']
+  ckpt = report['checkpoint']
+  rows = [
+      ('Checkpoint', f'{ckpt["requested"]} (step {ckpt["step"]})'),
+      ('F1 (Dice)', _fmt(m['dice'], '.4f')),
+      ('IoU (dataset)', _fmt(m['iou'], '.4f')),
+      ('IoU (per image)', _fmt(m['iou_per_image'], '.4f')),
+      ('Precision', _fmt(m['precision'], '.4f')),
+      ('Recall', _fmt(m['recall'], '.4f')),
+      ('Accuracy', _fmt(m['accuracy'], '.4f')),
+  ]
+  if 'mean_iou' in m:
+    rows.append(('Mean IoU (all classes)', _fmt(m['mean_iou'], '.4f')))
+    for c, v in enumerate(m['iou_per_class']):
+      rows.append((f'  IoU class {c}', _fmt(v, '.4f')))
+  rows.append(('Loss', _fmt(m.get('loss'), '.4f')))
+  rows.append(('Images', str(m['num_images'])))
+  t = report.get('throughput')
+  if t:
+    for b in t['batches']:
+      lat = b['latency_s']
+      rows.append((f'Images/s (batch {b["batch_size"]})',
+                   _fmt(b['images_per_s']['median'], ',.1f')))
+      rows.append((f'  latency ms (batch {b["batch_size"]})',
+                   f'{lat["median"] * 1e3:.2f} [{lat["p10"] * 1e3:.2f}-{lat["p90"] * 1e3:.2f}]'))
+    head = throughput_lib.headline(t)
+    flops = head['flops_per_image']
+    rows.append(('GFLOPs/image', _fmt(flops / 1e9 if flops else None, '.4g')))
+    achieved = head['achieved_flops_per_s']
+    rows.append((f'TFLOP/s (batch {head["batch_size"]})',
+                 _fmt(achieved / 1e12 if achieved else None, '.4g')))
+    if head.get('fraction_of_peak') is not None:
+      rows.append(('  % of device peak', f'{100 * head["fraction_of_peak"]:.1f}'))
+  train = report.get('train_throughput')
+  if train:
+    b = train['batches'][0]
+    rows.append((f'Train images/s (batch {b["batch_size"]})',
+                 _fmt(b['images_per_s']['median'], ',.1f')))
+  rows.append(('Parameters', f'{report["model"]["num_parameters"]:,}'))
+  return rows
+
+
+def format_table(reports: Sequence[dict], names: Sequence[str] | None = None) -> str:
+  """Reports side by side (the seed's U-Net vs LinTUNet table)."""
+  if not names:
+    names = [r['model']['name'] for r in reports]
+    if len(set(names)) < len(names):  # e.g. two LinTUNet runs: add the workdir
+      names = [f'{n} ({os.path.basename(r["workdir"].rstrip(os.sep))})'
+               for n, r in zip(names, reports)]
+  names = list(names)
+  per = [dict(table_rows(r)) for r in reports]
+  labels: list[str] = []
+  for r in reports:
+    for label, _ in table_rows(r):
+      if label not in labels:
+        labels.append(label)
+  width0 = max(len(l) for l in labels + ['Metric'])
+  widths = [max([len(n)] + [len(p.get(l, '')) for l in labels])
+            for n, p in zip(names, per)]
+  first = reports[0]
+  header = (f'{first["data"]["dataset"]} / {first["data"]["split"]}, '
+            f'threshold {first["threshold"]}')
+  t = first.get('throughput')
+  if t:
+    header += (f'; timed on {t["device_kind"]} x{t["device_count"]} '
+               f'({t["platform"]}), input {"x".join(map(str, t["input_shape"]))}, '
+               f'{t["dtype"]}')
+  line = '  '.join(['-' * width0] + ['-' * w for w in widths])
+  out = [header]
+  setups = {(r['data']['dataset'], r['data']['split'], r['data']['image_size'],
+             r['data']['num_images']) for r in reports}
+  if len(setups) > 1:
+    out.append('WARNING: the reports evaluate different data '
+               '(dataset, split, image size, images): ' + '; '.join(
+                   f'{n}: {r["data"]["dataset"]}/{r["data"]["split"]} '
+                   f'{r["data"]["image_size"]}px {r["data"]["num_images"]} images'
+                   for n, r in zip(names, reports)))
+  out += [f'{"Metric":<{width0}}  ' + '  '.join(
+      f'{n:>{w}}' for n, w in zip(names, widths)), line]
+  for label in labels:
+    out.append(f'{label:<{width0}}  ' + '  '.join(
+        f'{p.get(label, "-"):>{w}}' for p, w in zip(per, widths)))
+  return '\n'.join(out)

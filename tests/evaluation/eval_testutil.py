@@ -1,0 +1,36 @@
+"""Shared set-up of the evaluation and prediction tests: one tiny recipe
+and the environment their CLI subprocesses run in."""
+
+import os
+import pathlib
+
+from configs import lintunet
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def tiny_config(data_dir, name='lintunet'):
+  """The quick recipe shrunk to width 4 at 32x32 on `synthetic_mri/small`."""
+  config = lintunet.get_config('quick')
+  config.model.name = name
+  config.model.width = 4
+  config.model.attention.seq_len = 4
+  config.model.attention.k = 4
+  config.model.attention.block_size = 2
+  config.dataset.name = 'synthetic_mri/small'
+  config.dataset.data_dir = str(data_dir)
+  config.dataset.image_size = 32
+  config.dataset.num_workers = 0
+  config.eval_batch_size = 24
+  return config
+
+
+def cli_env(base: pathlib.Path) -> dict:
+  """CPU only, the repository importable, compilations cached under `base`."""
+  env = dict(os.environ)
+  env.update(JAX_COMPILATION_CACHE_DIR=str(base / 'jax_cache'),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0',
+             JAX_PLATFORMS='cpu',
+             PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get('PYTHONPATH')])))
+  return env

@@ -1,0 +1,88 @@
+"""An old workdir still restores, evaluates and resumes.
+
+tests/fixtures/tiny_workdir was written by train.py (width 2, 32x32, 4
+steps, one checkpoint at step 4, evaluated there) with the code of before
+the package was split into parts; tests/fixtures/write_tiny_workdir.py
+says how. Workdirs that users already have must keep working whatever the
+modules are called: the saved config and the checkpoint trees hold no
+module paths. Each test works on a copy (restoring and resuming write).
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+
+import numpy as np
+import pytest
+
+from lintunet_jax.training import checkpointing
+from lintunet_jax.evaluation import report as evaluation
+from lintunet_jax.training import metric_logs as logging_utils
+from tests import train_testutil as tu
+
+FIXTURE = pathlib.Path(__file__).resolve().parent / 'fixtures' / 'tiny_workdir'
+STEP = 4
+
+
+def _logged_eval() -> dict:
+  """The validation record train.py wrote at STEP."""
+  (record,) = logging_utils.read_metrics(str(FIXTURE), 'eval')
+  assert record['step'] == STEP
+  return record
+
+
+@pytest.fixture
+def workdir(tmp_path):
+  dest = tmp_path / 'tiny_workdir'
+  shutil.copytree(FIXTURE, dest)
+  return dest
+
+
+def test_the_fixture_is_small():
+  size = sum(f.stat().st_size for f in FIXTURE.rglob('*') if f.is_file())
+  assert size < 1_000_000
+
+
+def test_config_and_checkpoint_restore(workdir):
+  config = checkpointing.load_config(workdir)
+  assert (config.model.name, config.model.width) == ('lintunet', 2)
+  assert checkpointing.list_checkpoints(workdir) == [STEP]
+  assert checkpointing.best_checkpoint(workdir) == STEP
+  assert checkpointing.checkpoint_metrics(workdir, STEP)['iou'] == pytest.approx(
+      _logged_eval()['iou'])
+  for selector in ('latest', 'best', STEP):
+    restored_config, model, step = checkpointing.restore_model(workdir, selector)
+    assert step == STEP
+    assert restored_config.to_dict() == config.to_dict()
+    assert model.final_conv.kernel[...].shape[-1] == 1
+
+
+def test_evaluation_reproduces_the_logged_validation(workdir, tmp_path, tmp_path_factory):
+  config = checkpointing.load_config(workdir)
+  config.dataset.data_dir = tu.data_dir(tmp_path_factory)  # the same data, here
+  report_path = tmp_path / 'report.json'
+  report = evaluation.run(str(workdir), checkpoint='best', split='validation',
+                          config=config, report_path=str(report_path),
+                          num_overlays=2, measure_throughput=False)
+  logged = _logged_eval()
+  metrics = report['metrics']
+  assert report['checkpoint']['step'] == STEP
+  assert metrics['num_images'] == logged['num_images']
+  for name in ('loss', 'accuracy', 'iou', 'dice'):
+    np.testing.assert_allclose(metrics[name], logged[name], rtol=1e-5, atol=1e-6,
+                               err_msg=name)
+  assert json.loads(report_path.read_text())['metrics']['num_images'] == logged['num_images']
+
+
+def test_training_resumes_from_it(workdir, tmp_path_factory):
+  data_dir = tu.data_dir(tmp_path_factory)
+  flags = tu.tiny_flags(data_dir, model__width=2, num_train_steps=STEP + 2,
+                        checkpoint_every_steps=STEP, eval_every_steps=STEP)
+  result = tu.run_train(workdir, flags, cache=tu.cache_dir(tmp_path_factory))
+  assert result.returncode == 0, result.stderr[-5000:]
+  records = logging_utils.read_metrics(str(workdir))
+  assert [r['step'] for r in records if r['type'] == 'resume'] == [STEP]
+  assert [r['step'] for r in records if r['type'] == 'train'] == list(range(1, STEP + 3))
+  assert checkpointing.list_checkpoints(workdir)[-1] == STEP + 2

@@ -1,0 +1,133 @@
+"""train.py end to end on a tiny config: outputs, errors, fine-tuning."""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import numpy as np
+import pytest
+
+from lintunet_jax.training import checkpointing
+from lintunet_jax.training import metric_logs as logging_utils
+from lintunet_jax.training import state as train_state_lib
+from tests import train_testutil as tu
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+  """All the train.py runs of this module, started together (see tu.Run)."""
+  data_dir = tu.data_dir(tmp_path_factory)
+  root = tmp_path_factory.mktemp('cli')
+  started = {
+      # The program of test_train_resume (tu.RESUME): it reuses the compiled
+      # steps from the persistent cache.
+      'full': tu.Run(root / 'full', tu.tiny_flags(
+          data_dir, **tu.RESUME, eval_every_steps=4, checkpoint_every_steps=2,
+          keep_checkpoints=2), cache=tu.cache_dir(tmp_path_factory)),
+      'nan': tu.Run(root / 'nan', tu.tiny_flags(
+          data_dir, num_train_steps=6, checkpoint_every_steps=1, learning_rate=1e30,
+          grad_clip_norm=0.0, model='unet')),
+      'batch': tu.Run(root / 'batch', tu.tiny_flags(data_dir, batch_size=6), devices=4),
+  }
+  # Fine-tuning: a weights-only checkpoint (as an importer writes), seed 123.
+  config = tu.tiny_config(data_dir, model='unet')
+  imported = train_state_lib.init_model(config.model, seed=123)
+  checkpointing.write_weights_checkpoint(root / 'finetune', config, imported)
+  # learning_rate 0: parameters stay the imported ones (a fresh init with
+  # seed 0 would differ), BatchNorm statistics keep training.
+  started['finetune'] = tu.Run(root / 'finetune', tu.tiny_flags(
+      data_dir, num_train_steps=2, learning_rate=0.0, model='unet'))
+  yield {'data_dir': data_dir, 'imported': imported,
+         'cache': tu.cache_dir(tmp_path_factory), **started}
+  for run in started.values():
+    run.wait(timeout=1)
+
+
+def test_train_writes_config_logs_and_checkpoints(runs):
+  result = runs['full'].wait()
+  tmp_path, data_dir = runs['full'].workdir, runs['data_dir']
+  assert result.returncode == 0, result.stderr[-5000:]
+  # Progress bar (tqdm, on stderr) with loss and images/s.
+  assert '10/10' in result.stderr and 'img_s=' in result.stderr and 'loss=' in result.stderr
+  config = checkpointing.load_config(tmp_path)
+  assert config.model.width == 4 and config.loss == 'bce_dice'
+  assert config.dataset.data_dir == data_dir
+  records = logging_utils.read_metrics(str(tmp_path))
+  train = [r for r in records if r['type'] == 'train']
+  evals = [r for r in records if r['type'] == 'eval']
+  assert [r['step'] for r in train] == list(range(1, 11))
+  for r in train:
+    assert set(r) >= {'step', 'epoch', 'loss', 'grad_norm', 'lr', 'images_per_sec', 'time'}
+    assert np.isfinite(r['loss']) and r['loss'] > 0 and r['images_per_sec'] > 0
+  assert train[0]['epoch'] == pytest.approx(1 / 32)  # 256 examples / batch 8
+  assert [r['step'] for r in evals] == [4, 8, 10]
+  for r in evals:
+    assert r['split'] == 'validation' and r['num_images'] == 64
+    for key in ('loss', 'iou', 'dice', 'precision', 'recall', 'accuracy'):
+      assert 0 <= r[key] <= (1 if key != 'loss' else 10), key
+    assert 0 < r['accuracy'] < 1
+  assert glob.glob(os.path.join(tmp_path, 'tensorboard', 'events.out.tfevents.*'))
+  # Last 2 checkpoints plus the best by validation IoU.
+  steps = checkpointing.list_checkpoints(tmp_path)
+  best = max(evals, key=lambda r: (r['iou'], r['step']))['step']
+  assert steps == sorted({8, 10, best})
+  assert checkpointing.best_checkpoint(tmp_path) == best
+  assert checkpointing.checkpoint_metrics(tmp_path, 10)['iou'] == evals[-1]['iou']
+  config, model, step = checkpointing.restore_model(tmp_path, 'latest')
+  assert step == 10 and config.model.name == 'lintunet'
+  # Re-running a finished run does nothing (and changes nothing).
+  again = tu.run_train(tmp_path, tu.tiny_flags(
+      data_dir, **tu.RESUME, eval_every_steps=4, checkpoint_every_steps=2,
+      keep_checkpoints=2), cache=runs['cache'])
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert 'nothing to do' in again.stderr
+  assert logging_utils.read_metrics(str(tmp_path)) == records
+
+
+def test_non_finite_loss_stops_with_a_clear_error(runs):
+  result = runs['nan'].wait()
+  tmp_path = runs['nan'].workdir
+  assert result.returncode == 1, result.stderr[-5000:]
+  assert 'Traceback' not in result.stderr
+  message = result.stderr.strip().splitlines()[-1]
+  assert message.startswith('error: non-finite loss'), message
+  assert 'the bad state was not saved' in message
+  bad_step = int(message.split(' at step ')[1].split(';')[0])
+  steps = checkpointing.list_checkpoints(tmp_path)
+  assert steps and max(steps) < bad_step
+  assert f'Last good checkpoint: {max(steps)}' in message
+  assert not [n for n in os.listdir(os.path.join(tmp_path, 'checkpoints')) if 'tmp' in n]
+  _, model, _ = checkpointing.restore_model(tmp_path, 'latest')
+  leaves = train_state_lib.model_variables(model)
+  assert all(np.isfinite(np.asarray(x)).all() for x in _leaves(leaves))
+
+
+def _leaves(tree):
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.tree.leaves(tree)
+
+
+def test_wrong_batch_size_stops_with_the_sizes_that_work(runs):
+  proc = runs['batch'].wait()
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert 'Traceback' not in proc.stderr
+  assert ('error: batch_size=6 (the global batch, over all devices) does not split '
+          'evenly over 4 devices: use a multiple of 4, e.g. 4, 8, 12') in proc.stderr
+
+
+def test_fine_tunes_from_a_weights_only_checkpoint(runs):
+  result = runs['finetune'].wait()
+  tmp_path, model = runs['finetune'].workdir, runs['imported']
+  assert result.returncode == 0, result.stderr[-5000:]
+  assert checkpointing.list_checkpoints(tmp_path) == [0, 2]
+  assert checkpointing.describe(tmp_path)[1]['weights_only'] is False
+  assert [r['step'] for r in logging_utils.read_metrics(str(tmp_path), 'train')] == [1, 2]
+  _, trained, step = checkpointing.restore_model(tmp_path, 2)
+  want = train_state_lib.model_variables(model)
+  got = train_state_lib.model_variables(trained)
+  for a, b in zip(_leaves(want['params']), _leaves(got['params'])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  moved = [float(np.abs(np.asarray(a) - np.asarray(b)).max())
+           for a, b in zip(_leaves(want['batch_stats']), _leaves(got['batch_stats']))]
+  assert max(moved) > 1e-4
