@@ -71,3 +71,29 @@ def test_dry_run_measures_every_section_and_checks_the_kernels(tmp_path):
   assert np.isfinite(training['last_loss'])
   # The per-device recipe batch became the global batch (1 CPU device).
   assert training['global_batch_size'] == 4
+
+  # --recount-flops rebuilds each timed program from its row alone: on the
+  # CPU it must find the FLOPs the run itself counted (a wrong width,
+  # attention kind, batch or mode in the rebuild changes them).
+  before = {(r['group'], r['model'], r['mode']): r['flops_per_image'] for r in timed}
+  before_attention = {(r['tokens'], r['mode'], r['kind'], r['pattern']): r['flops']
+                      for r in attention['results'] if 'time_s' in r
+                      and not r['kind'].startswith('pallas')}
+  proc = subprocess.run(
+      [sys.executable, str(train_testutil.ROOT / 'benchmarks' / 'accelerator_suite.py'),
+       '--recount-flops', str(out / 'model_cpu_dryrun.json'),
+       str(out / 'attention_cpu_dryrun.json')],
+      env=train_testutil.env(), cwd=str(train_testutil.ROOT), capture_output=True,
+      text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-5000:]
+  model = json.loads((out / 'model_cpu_dryrun.json').read_text())
+  after = {(r['group'], r['model'], r['mode']): r['flops_per_image']
+           for r in model['results'] if 'images_per_s' in r}
+  assert after.keys() == before.keys()
+  for key, flops in before.items():
+    assert after[key] == pytest.approx(flops, rel=1e-6), key
+  attention = json.loads((out / 'attention_cpu_dryrun.json').read_text())
+  for r in attention['results']:
+    key = (r.get('tokens'), r.get('mode'), r.get('kind'), r.get('pattern'))
+    if key in before_attention:
+      assert r['flops'] == pytest.approx(before_attention[key], rel=1e-6), key
