@@ -14,6 +14,10 @@ Variants (the part after the colon):
           compute, 64 images per GPU, one epoch of warm-up.
   tpu     the same for Cloud TPU VMs (v4/v5e/v5p/v6e): bfloat16, 32 images
           per chip (a v5e-8 trains a global batch of 256).
+  hires   1024x1024 images (mammography, histology tiles): a 64x64 grid of
+          4,096 bottleneck tokens under block-sparse attention only (a 7x7
+          window plus 4 global tokens), which Linformer's fixed seq_len
+          would tie to one image size; bfloat16, 8 images per device.
 
 The accelerator recipes keep the seed's model, loss, optimizer and step
 schedule; docs/training.md says what changes between CPU, GPU and TPU and
@@ -49,9 +53,24 @@ def get_config(variant: str = ''):
     config.warmup_epochs = 0.25
   elif variant in ('gpu', 'tpu'):
     accelerator_recipe(config, variant)
+  elif variant == 'hires':
+    config.dataset.image_size = 1024
+    attention = config.model.attention
+    attention.kind = 'block_sparse'
+    attention.seq_len = (1024 // 16) ** 2  # 4,096 tokens (read by Linformer kinds only)
+    # A 7x7 window on the 64x64 grid (1.2% of the keys) plus 4 global tokens
+    # that see and are seen by every position (BigBird): 7.4% of the 16x16
+    # tiles are computed (block_layout(...).summary()).
+    attention.pattern = 'local_2d(radius=3) | global_tokens(num=4)'
+    attention.block_size = 16
+    config.model.dtype = 'bfloat16'
+    config.per_device_batch_size = 8
+    config.per_device_eval_batch_size = 8
+    config.warmup_epochs = 1.0
+    config.dataset.num_workers = -1
   elif variant:
-    raise ValueError(
-        f"unknown variant {variant!r}; use '', 'seed', 'quick', 'gpu' or 'tpu'")
+    raise ValueError(f"unknown variant {variant!r}; use '', 'seed', 'quick', "
+                     "'gpu', 'tpu' or 'hires'")
   return config
 
 
