@@ -1,21 +1,36 @@
 r"""Evaluate a trained workdir: metrics over a whole split, throughput, pictures.
 
   python eval.py --workdir DIR [--checkpoint best|latest|STEP] [--split test] \
-      [--report PATH] [--compare DIR2] [--config configs/x.py[:variant]]
+      [--report PATH] [--compare DIR2] [--resolution native|model] \
+      [--config.a.b=value ...] [--config configs/x.py[:variant]]
 
-Restores the checkpoint and the config saved with it (`--config` replaces
-the saved config; the checkpoint must fit it), evaluates every image of the
-split once, times the jit-compiled forward pass at batch sizes 1, 8 and the
-config's, and writes
+Restores the checkpoint and the config saved with it, evaluates every
+image of the split once, times the jit-compiled forward pass at batch sizes
+1, 8 and the config's, and writes
 
   DIR/eval/<split>-<step>.json        the report (docs/evaluation.md)
   DIR/eval/<split>-<step>/            overlays and training_curves.png
 
 and prints a table. `--compare DIR2` evaluates DIR2 the same way (its report
 goes to DIR2/eval/) and prints both side by side, e.g. U-Net vs LinTUNet.
+
+Metrics count pixels at each image's own size (`--resolution native`, the
+default): the predicted mask is brought back exactly as predict.py writes it
+(resize or padding undone) and compared with the stored mask, so the numbers
+are comparable with published ones. `--resolution model` counts on the
+model's image_size canvas instead, as training validation does; padding
+added by `resize='pad'` is never counted. The report's `resolution` field
+and the table's "Counted at" row say which.
+
+`--config.a.b=value` changes one field of the saved config, e.g.
+`--config.model.attention.kernel=xla` to evaluate off GPU a model trained
+with the Pallas kernel, or `--config.dataset.data_dir=...`; the checkpoint
+must still fit the model. `--config=FILE` replaces the saved config.
 """
 
 from __future__ import annotations
+
+import pathlib
 
 import sys
 
@@ -34,9 +49,19 @@ _SPLIT = flags.DEFINE_string(
 _REPORT = flags.DEFINE_string(
     'report', None, 'Report path (default DIR/eval/<split>-<step>.json); '
     'pictures go to the same path without .json.')
+# The default file only gives `--config.a.b=value` its field types; without
+# --config=FILE the overrides apply to the config saved in the workdir.
 _CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'Optional config file replacing the one saved in the '
-    'workdir (e.g. to point dataset.data_dir elsewhere).', lock_config=True)
+    'config', str(pathlib.Path(__file__).resolve().parent / 'configs' / 'default.py'),
+    'Optional config file replacing the one saved in the workdir. Without '
+    'it, --config.a.b=value overrides apply to the saved config (e.g. '
+    '--config.model.attention.kernel=xla, --config.dataset.data_dir=DIR).',
+    lock_config=True)
+_RESOLUTION = flags.DEFINE_enum(
+    'resolution', 'native', ['native', 'model'],
+    "Where pixels are counted: 'native' (each image's own size, the predicted "
+    "mask brought back as predict.py does) or 'model' (the model's "
+    'image_size canvas, as training validation; padding never counted).')
 _COMPARE = flags.DEFINE_string(
     'compare', None, 'A second workdir, evaluated on the same split and shown '
     'side by side.')
@@ -67,8 +92,19 @@ def quiet_libraries() -> None:
     logging.set_verbosity(logging.ERROR)
 
 
+def config_and_overrides():
+  """(config file's config or None, {'a.b': value} overrides or None).
+
+  With --config=FILE the file's config (its overrides applied) replaces the
+  saved one; without it, the overrides go on top of the saved config.
+  """
+  if flags.FLAGS['config'].present:
+    return _CONFIG.value, None
+  return None, dict(config_flags.get_override_values(flags.FLAGS['config'])) or None
+
+
 def _evaluate(workdir: str, checkpoint: str | None, split: str | None, report: str | None,
-              config) -> dict:
+              config, overrides) -> dict:
   from lintunet_jax.evaluation import report as evaluation  # pylint: disable=import-outside-toplevel
   try:
     batch_sizes = ([int(b) for b in _TP_BATCH_SIZES.value]
@@ -83,7 +119,7 @@ def _evaluate(workdir: str, checkpoint: str | None, split: str | None, report: s
       throughput_batch_sizes=batch_sizes, throughput_runs=_TP_RUNS.value,
       throughput_warmup=_TP_WARMUP.value, measure_throughput=_THROUGHPUT.value,
       peak_flops=_PEAK_FLOPS.value, measure_train_step=_TRAIN_THROUGHPUT.value,
-      progress=_PROGRESS.value)
+      progress=_PROGRESS.value, resolution=_RESOLUTION.value, overrides=overrides)
 
 
 def main(argv):
@@ -94,18 +130,18 @@ def main(argv):
   quiet_libraries()
   from lintunet_jax.evaluation import report as evaluation  # pylint: disable=import-outside-toplevel
   from lintunet_jax.training import parallel  # pylint: disable=import-outside-toplevel
-  config = _CONFIG.value
+  config, overrides = config_and_overrides()
   parallel.maybe_initialize_distributed(config)
   try:
     report = _evaluate(_WORKDIR.value, _CHECKPOINT.value, _SPLIT.value,
-                       _REPORT.value, config)
+                       _REPORT.value, config, overrides)
     reports = [report]
     if _COMPARE.value:
       checkpoint = _COMPARE_CHECKPOINT.value or (
           _CHECKPOINT.value if _CHECKPOINT.value and not _CHECKPOINT.value.isdigit()
           else None)
       other = _evaluate(_COMPARE.value, checkpoint, report['data']['split'],
-                        None, None)
+                        None, None, overrides)
       reports.append(other)
       report = evaluation.attach_comparison(report, other)
   except evaluation.USER_ERRORS as e:

@@ -10,9 +10,15 @@ size (0/255 for binary models, class ids for multi-class ones); with
 the float32 logits [S, S, C] at model resolution. Images that cannot be read
 are skipped with a warning and listed at the end; the exit status is 1 if
 any was skipped, 2 if nothing could be done.
+
+`--config.a.b=value` changes one field of the saved config, e.g.
+`--config.model.attention.kernel=xla` off GPU for a model trained with the
+Pallas kernel; `--config=FILE` replaces the saved config.
 """
 
 from __future__ import annotations
+
+import pathlib
 
 import json
 import os
@@ -30,9 +36,12 @@ _OUTPUT = flags.DEFINE_string('output', None, 'Output folder.')
 _CHECKPOINT = flags.DEFINE_string(
     'checkpoint', None, "'best', 'latest' or a step (default: 'best' when "
     "checkpoints have validation metrics, else 'latest').")
+# The default file only gives `--config.a.b=value` its field types (as in eval.py).
 _CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'Optional config file replacing the one saved in the workdir.',
-    lock_config=True)
+    'config', str(pathlib.Path(__file__).resolve().parent / 'configs' / 'default.py'),
+    'Optional config file replacing the one saved in the workdir. Without '
+    'it, --config.a.b=value overrides apply to the saved config (e.g. '
+    '--config.model.attention.kernel=xla).', lock_config=True)
 _SAVE_LOGITS = flags.DEFINE_boolean(
     'save-logits', False, 'Also save raw logits as .npy at model resolution.')
 _OVERLAY = flags.DEFINE_boolean('overlay', False, 'Also save overlay PNGs.')
@@ -55,9 +64,14 @@ def main(argv):
     print('predict.py: error: no input image found:', file=sys.stderr)
     print(prediction.format_skipped(skipped), file=sys.stderr)
     return 2
+  if flags.FLAGS['config'].present:
+    config, overrides = _CONFIG.value, None
+  else:
+    config = None
+    overrides = dict(config_flags.get_override_values(flags.FLAGS['config'])) or None
   try:
     config, model, step, selector = evaluation.restore(
-        _WORKDIR.value, _CHECKPOINT.value, _CONFIG.value)
+        _WORKDIR.value, _CHECKPOINT.value, config, overrides=overrides)
   except evaluation.USER_ERRORS as e:
     print(f'predict.py: error: {e}', file=sys.stderr)
     return 2

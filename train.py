@@ -45,7 +45,8 @@ def main(argv):
   from lintunet_jax.training import loop as train_lib  # pylint: disable=g-import-not-at-top
   try:
     train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (train_lib.NonFiniteLossError, parallel.BatchSizeError) as e:
+  except (train_lib.NonFiniteLossError, parallel.BatchSizeError,
+          train_lib.ConfigError) as e:
     print(f'error: {e}', file=sys.stderr)  # a clear message, no traceback
     return 1
   except train_lib.TrainingInterrupted as e:

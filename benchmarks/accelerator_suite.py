@@ -201,7 +201,9 @@ def run_kernels(sizes, deadline: float) -> dict:
 
         def sparse(kernel):
           def fn(q, k, v, g=None):
-            with attention_kernels.schedule(kernel=kernel):
+            # Off GPU the Pallas kernels run only when interpreted explicitly.
+            with attention_kernels.schedule(
+                kernel=kernel, pallas_interpret=interpret if kernel == 'pallas' else None):
               return attention_kernels.block_sparse_attention(
                   q, k, v, mask=mask, block_size=block, global_kv=g)
           return fn

@@ -245,8 +245,11 @@ def _attention_fn(kind: str, mask, block: int):
   kernel = 'pallas' if kind.startswith('pallas_') else 'xla'
   kind = kind.removeprefix('pallas_')
 
+  # Off GPU the Pallas kernels run only when interpreted explicitly.
+  interpret = True if kernel == 'pallas' and jax.default_backend() != 'gpu' else None
+
   def fn(q, k, v, proj_k, proj_v):
-    with attention_kernels.schedule(kernel=kernel):  # read at trace time
+    with attention_kernels.schedule(kernel=kernel, pallas_interpret=interpret):  # read at trace time
       return attend(q, k, v, proj_k, proj_v)
 
   def attend(q, k, v, proj_k, proj_v):

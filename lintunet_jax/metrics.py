@@ -48,33 +48,58 @@ def predict_classes(logits: jax.Array, threshold: float = 0.5) -> jax.Array:
 
 
 def batch_counts(logits: jax.Array, labels: jax.Array, valid: jax.Array,
-                 *, threshold: float = 0.5) -> dict[str, jax.Array]:
+                 *, threshold: float = 0.5,
+                 region: jax.Array | None = None) -> dict[str, jax.Array]:
   """Per-class counts of one batch, padding examples (valid=0) ignored.
 
-  logits: [B, H, W, C]; labels: int [B, H, W]; valid: [B] 0/1.
+  logits: [B, H, W, C]; labels: int [B, H, W]; valid: [B] 0/1; region:
+  optional 0/1 [B, H, W], the pixels that show the image (0 on the canvas
+  that `resize='pad'` adds, which is never counted). Returns the
+  `class_counts` of the thresholded logits.
+  """
+  return class_counts(predict_classes(logits, threshold), labels, valid,
+                      num_classes=logits.shape[-1], region=region)
+
+
+def class_counts(predicted, labels, valid, *, num_classes: int, region=None,
+                 xp=jnp) -> dict:
+  """Per-class counts from class-id masks: the one counting rule.
+
+  predicted, labels: int [B, H, W]; valid: [B] 0/1; region: optional 0/1
+  [B, H, W] of the pixels to count (None: all). `num_classes` is the
+  model's (1: binary, whose reported class is the foreground 1). `xp` is
+  the array module: jax.numpy inside the jitted eval step, numpy on the
+  host for masks brought back to each image's own size (whose sizes
+  differ, so they are counted one image at a time).
+
   Returns int32 [K] counts per reported class (K=1 for binary models: the
   foreground; K=C otherwise), float32 [K] per-image IoU sums, int32 [K]
   per-image IoU counts and an int32 scalar image count.
   """
-  predicted = predict_classes(logits, threshold)
-  classes = jnp.arange(1, 2) if logits.shape[-1] == 1 else jnp.arange(logits.shape[-1])
+  classes = xp.arange(1, 2) if num_classes == 1 else xp.arange(num_classes)
   pred_1h = predicted[..., None] == classes  # [B,H,W,K]
-  true_1h = labels[..., None].astype(jnp.int32) == classes
+  true_1h = labels[..., None].astype(xp.int32) == classes
+  if region is None:
+    pixels = labels.shape[1] * labels.shape[2]
+  else:
+    inside = (region > 0)[..., None]
+    pred_1h, true_1h = pred_1h & inside, true_1h & inside
+    pixels = xp.sum(region > 0, axis=(1, 2), dtype=xp.int32)[:, None]
   weight = (valid > 0)[:, None]  # [B,1]
-  inter = jnp.sum(pred_1h & true_1h, axis=(1, 2), dtype=jnp.int32)  # [B,K]
-  pred_sum = jnp.sum(pred_1h, axis=(1, 2), dtype=jnp.int32)
-  true_sum = jnp.sum(true_1h, axis=(1, 2), dtype=jnp.int32)
+  inter = xp.sum(pred_1h & true_1h, axis=(1, 2), dtype=xp.int32)  # [B,K]
+  pred_sum = xp.sum(pred_1h, axis=(1, 2), dtype=xp.int32)
+  true_sum = xp.sum(true_1h, axis=(1, 2), dtype=xp.int32)
   union = pred_sum + true_sum - inter
-  pixels = labels.shape[1] * labels.shape[2]
   per_image = dict(tp=inter, fp=pred_sum - inter, fn=true_sum - inter,
                    tn=pixels - union)
-  counts = {k: jnp.sum(jnp.where(weight, v, 0), axis=0) for k, v in per_image.items()}
+  counts = {k: xp.sum(xp.where(weight, v, 0), axis=0, dtype=xp.int32)
+            for k, v in per_image.items()}
   has_iou = weight & (union > 0)
-  image_iou = inter / jnp.maximum(union, 1)
-  counts['iou_image_sum'] = jnp.sum(jnp.where(has_iou, image_iou, 0.0), axis=0,
-                                    dtype=jnp.float32)
-  counts['iou_image_count'] = jnp.sum(has_iou, axis=0, dtype=jnp.int32)
-  counts['num_images'] = jnp.sum(valid > 0, dtype=jnp.int32)
+  image_iou = inter / xp.maximum(union, 1)
+  counts['iou_image_sum'] = xp.sum(xp.where(has_iou, image_iou, 0.0), axis=0,
+                                   dtype=xp.float32)
+  counts['iou_image_count'] = xp.sum(has_iou, axis=0, dtype=xp.int32)
+  counts['num_images'] = xp.sum(valid > 0, dtype=xp.int32)
   return counts
 
 

@@ -25,6 +25,7 @@ from flax import nnx
 from lintunet_jax.attention import bottleneck as attention_lib
 from lintunet_jax import layers
 from lintunet_jax.attention import masks as masks_lib
+from lintunet_jax.attention import xla as attention_kernels
 
 DOWNSAMPLING = 16  # four 2x2 pools
 
@@ -123,6 +124,17 @@ def create_model(model_config: ml_collections.ConfigDict, *, seed: int = 0,
   if model_config.name == 'lintunet':
     return LinTUNet(attention=model_config.attention, **kw)
   raise ValueError(f"model.name must be 'unet' or 'lintunet', got {model_config.name!r}")
+
+
+def check_backend(model_config: ml_collections.ConfigDict) -> None:
+  """Raises `KernelUnavailableError` when the configured model would run a
+  kernel this backend cannot compile (the Pallas kernels off GPU), before
+  anything is built or traced. Only the block-sparse kinds use the kernel."""
+  if model_config.name != 'lintunet':
+    return
+  attention = model_config.attention
+  if attention.kind in ('block_sparse', 'linformer_block_sparse'):
+    attention_kernels.check_kernel(attention.get('kernel', 'xla'))
 
 
 def count_parameters(model: nnx.Module) -> int:

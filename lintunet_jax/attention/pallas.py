@@ -271,16 +271,15 @@ def _padded_dim(dim: int) -> int:
 def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                            layout: layout_lib.BlockLayout, mask: masks_lib.Mask,
                            scale: float, global_kv=None,
-                           interpret: bool | None = None) -> jax.Array:
+                           interpret: bool = False) -> jax.Array:
   """Same maths as `xla.block_sparse_attention`, as kernels.
 
   q, k, v: [B, H, n, D]; `layout` must be `block_layout(mask, n, ...)`.
-  interpret: None runs compiled on GPU and interpreted elsewhere (for tests;
-    not inside `jax.shard_map`). False on a CPU-only machine is for
-    cross-platform lowering (`.lower(lowering_platforms=('cuda',))`).
+  interpret: True runs Pallas' interpreter (tests on CPU; not inside
+    `jax.shard_map`); never chosen implicitly (`xla.check_kernel`). False
+    compiles: on a GPU, or on a CPU-only machine for cross-platform lowering
+    (`.lower(lowering_platforms=('cuda',))`).
   """
-  if interpret is None:
-    interpret = jax.default_backend() != 'gpu'
   if interpret and jax.typeof(q).manual_axis_type.varying:
     raise NotImplementedError(
         "the Pallas kernels cannot run interpreted inside jax.shard_map "

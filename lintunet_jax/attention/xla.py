@@ -36,7 +36,8 @@ How `block_sparse_attention` executes (same maths on every backend):
   analysis counts a loop body once, so for FLOP counts trace under
   `chunking(None)`, which does the same arithmetic unchunked.
 * `Schedule.kernel='pallas'` hands the same layout to the fused kernels of
-  `pallas` instead (GPU; interpreted elsewhere, for tests).
+  `pallas` instead (GPU; elsewhere only when interpretation is asked for
+  explicitly, `Schedule.pallas_interpret=True`, as tests do).
 """
 
 from __future__ import annotations
@@ -114,9 +115,13 @@ class Schedule:
     may run concurrently on different cores (one loop of small matmuls keeps
     about one core busy); no gain could be shown on the loaded test machine.
   kernel: 'xla' (these XLA ops, every backend) or 'pallas' (the fused
-    kernels of `pallas`: compiled on GPU, interpreted elsewhere,
-    which is only useful for testing; opt-in until timed on a GPU).
-  pallas_interpret: the Pallas kernels' `interpret` (None: off GPU only).
+    kernels of `pallas`, compiled for GPUs; opt-in until timed on a GPU).
+  pallas_interpret: the Pallas kernels' `interpret`. None compiles them,
+    and off GPU raises `KernelUnavailableError` (naming the override that
+    picks the XLA kernel) rather than running Pallas' interpreter, which is
+    orders of magnitude slower. True interprets them on any backend (tests
+    do, explicitly); False compiles without the check (cross-platform
+    lowering, `.lower(lowering_platforms=('cuda',))`).
   """
 
   chunk_bytes: int | None = None
@@ -131,6 +136,31 @@ class Schedule:
 
 
 KERNELS = ('xla', 'pallas')
+
+
+class KernelUnavailableError(ValueError):
+  """The configured attention kernel cannot be compiled on this backend."""
+
+
+def check_kernel(kernel: str) -> None:
+  """Raises KernelUnavailableError when `kernel` cannot compile here.
+
+  The Pallas kernels compile for GPUs only; elsewhere (CPU, TPU) they would
+  run in the interpreter, which is never what a training or evaluation
+  wants. The XLA kernel computes the same maths with the same parameters,
+  so a checkpoint trained with either runs with the other.
+  """
+  if kernel not in KERNELS:
+    raise ValueError(f'unknown attention kernel {kernel!r}; choose one of {KERNELS}')
+  backend = jax.default_backend()
+  if kernel == 'pallas' and backend != 'gpu':
+    raise KernelUnavailableError(
+        f"model.attention.kernel='pallas' needs a GPU: the fused Pallas "
+        f"kernels compile only for GPUs and this process runs on {backend!r}, "
+        "where they could only run in Pallas' very slow interpreter. Pass "
+        '--config.model.attention.kernel=xla (same parameters, same maths; '
+        'eval.py, predict.py and a resumed train.py accept it on top of the '
+        'saved config)')
 
 
 # Per backend; measured on CPU in benchmarks/NOTES.md: 2 MiB keeps a step's
@@ -464,9 +494,13 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   scale = q.shape[-1] ** -0.5
   if how.kernel == 'pallas':
     from lintunet_jax.attention import pallas as pallas_attention  # pylint: disable=g-import-not-at-top
+    interpret = how.pallas_interpret
+    if interpret is None:
+      check_kernel('pallas')  # compiled, or a clear error: never interpreted unasked
+      interpret = False
     return pallas_attention.block_sparse_attention(
         q, k, v, layout=layout, mask=mask, scale=scale, global_kv=global_kv,
-        interpret=how.pallas_interpret)
+        interpret=interpret)
   plan = _Plan(layout, mask, scale, how.chunk_bytes, how.lanes)
 
   @jax.custom_vjp

@@ -63,11 +63,25 @@ class _Settings:
     if ds.normalization not in transforms.NORMALIZATIONS:
       raise ValueError(f'config.dataset.normalization must be one of '
                        f'{transforms.NORMALIZATIONS}, got {ds.normalization!r}')
+    if ds.channels != config.model.in_channels:
+      raise ValueError(
+          f'config.dataset.channels={ds.channels} but config.model.in_channels='
+          f'{config.model.in_channels}: the images are converted to '
+          'dataset.channels and the model reads model.in_channels, so they '
+          'must be equal (for RGB set both: --config.dataset.channels=3 '
+          '--config.model.in_channels=3)')
     return cls(ds.image_size, ds.channels, ds.resize, ds.normalization,
                bool(ds.augment))
 
 
 # --- Pre-processing: the one implementation, shared with predict.py. ------
+
+
+def check_config(config) -> None:
+  """Raises ValueError naming the field when config.dataset cannot feed
+  config.model (image size, resize, normalisation, channels). Programs call
+  it before building anything, so a mismatch never reaches the model."""
+  _Settings.from_config(config)
 
 
 def preprocess_image(image: np.ndarray, config) -> np.ndarray:
@@ -262,8 +276,8 @@ class _PaddedShard:
   """This process's strided share of a split, padded to whole batches."""
 
   def __init__(self, source, process_index: int, process_count: int,
-               padded_length: int, settings: _Settings):
-    self._source, self._settings = source, settings
+               padded_length: int, settings: _Settings, native: bool = False):
+    self._source, self._settings, self._native = source, settings, native
     self._indices = np.arange(process_index, len(source), process_count)
     self._length = padded_length
 
@@ -273,21 +287,43 @@ class _PaddedShard:
   def __getitem__(self, position: int) -> Batch:
     size, channels = self._settings.image_size, self._settings.channels
     if position >= len(self._indices):
-      return {'image': np.zeros((size, size, channels), np.float32),
-              'mask': np.zeros((size, size), np.int32),
-              'valid': np.float32(0.0), 'index': np.int32(-1)}
+      padding = {'image': np.zeros((size, size, channels), np.float32),
+                 'mask': np.zeros((size, size), np.int32),
+                 'region': np.zeros((size, size), np.uint8),
+                 'valid': np.float32(0.0), 'index': np.int32(-1)}
+      if self._native:
+        padding['native_mask'] = np.zeros((0, 0), np.uint8)
+      return padding
     index = int(self._indices[position])
-    example = _model_example(*self._source[index], self._settings, rng=None)
+    image, mask = self._source[index]
+    example = _model_example(image, mask, self._settings, rng=None)
+    example['region'] = transforms.fit_mask(
+        np.ones(np.shape(mask)[:2], np.uint8), size, self._settings.resize)
+    if self._native:
+      example['native_mask'] = np.asarray(mask)
     return {**example, 'valid': np.float32(1.0), 'index': np.int32(index)}
+
+
+def _stack_batch(examples) -> Batch:
+  """grain's batching, except that 'native_mask' (one size per image) stays
+  a list."""
+  return {key: ([e[key] for e in examples] if key == 'native_mask'
+                else np.stack([e[key] for e in examples]))
+          for key in examples[0]}
 
 
 def create_eval_iterator(config, split: str, *, batch_size: int | None = None,
                          process_index: int | None = None,
-                         process_count: int | None = None) -> Iterator[Batch]:
+                         process_count: int | None = None,
+                         native_masks: bool = False) -> Iterator[Batch]:
   """Finite iterator over `split`: every example once, full padded batches.
 
-  Batches add `valid` float32 [b] (1 real, 0 padding) and `index` int32 [b]
-  (position in the split; -1 on padding) to `image` and `mask`.
+  Batches add `valid` float32 [b] (1 real, 0 padding), `index` int32 [b]
+  (position in the split; -1 on padding) and `region` uint8 [b, S, S] (1
+  where the image lies, 0 on the canvas `resize='pad'` adds and on padding
+  examples) to `image` and `mask`. With `native_masks`, also
+  `native_mask`: a list of the stored uint8 [H, W] masks at each image's
+  own size (empty on padding), for metrics at native resolution.
   """
   process_index, process_count = _process(process_index, process_count)
   if batch_size is None:
@@ -298,8 +334,9 @@ def create_eval_iterator(config, split: str, *, batch_size: int | None = None,
   per_process = math.ceil(len(source) / process_count)
   num_batches = math.ceil(per_process / batch_size)
   shard = _PaddedShard(source, process_index, process_count,
-                       num_batches * batch_size, settings)
-  dataset = grain.MapDataset.source(shard).batch(batch_size)
+                       num_batches * batch_size, settings, native=native_masks)
+  dataset = grain.MapDataset.source(shard).batch(
+      batch_size, batch_fn=_stack_batch if native_masks else None)
   threads = max(1, num_workers(config))
   return iter(dataset.to_iter_dataset(grain.ReadOptions(
       num_threads=threads, prefetch_buffer_size=max(threads, 2))))

@@ -42,8 +42,18 @@ from lintunet_jax.evaluation import throughput as throughput_lib
 from lintunet_jax.training import loop as train_lib
 from lintunet_jax.evaluation import visualize
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: metrics at native resolution by default, `resolution`
 CHECKPOINT_ALIASES = ('best', 'latest')
+
+# Where pixels are counted (`run(resolution=...)`, eval.py --resolution).
+RESOLUTIONS = {
+    'native': ("pixels counted at each image's own size: the prediction is "
+               "brought back as predict.py does (resize or padding undone, "
+               "nearest neighbour) and compared with the stored mask"),
+    'model': ("pixels counted on the model's image_size x image_size canvas "
+              "(the mask resized as for training); with resize='pad' the "
+              "padding is not counted"),
+}
 
 
 class EvaluationError(RuntimeError):
@@ -78,6 +88,7 @@ class EvalOutput:
   loss: float | None
   seconds: float
   batch_size: int
+  resolution: str = 'native'  # a key of RESOLUTIONS
   # Up to `num_samples` examples for overlays: image [n,S,S,C] float32,
   # mask [n,S,S] int32, prediction [n,S,S] int32, index [n] int32.
   samples: dict[str, np.ndarray] | None = None
@@ -118,17 +129,84 @@ def _tap(batches: Iterable[Mapping[str, Any]], samples: dict[str, list],
     yield batch
 
 
+def _local_rows(x: jax.Array) -> np.ndarray:
+  """This process's rows of an array sharded along the batch axis."""
+  shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+  return np.concatenate([np.asarray(s.data) for s in shards])
+
+
+def _sum_over_processes(totals: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  if jax.process_count() == 1:
+    return totals
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  gathered = multihost_utils.process_allgather(totals)
+  return {k: np.sum(np.asarray(v), axis=0) for k, v in gathered.items()}
+
+
+def evaluate_native(eval_step, variables, batches: Iterable[Mapping[str, Any]],
+                    mesh: jax.sharding.Mesh,
+                    config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """`train_lib.evaluate`, but counting each image at its own size.
+
+  `eval_step` is `make_eval_step(..., predictions=True)`; batches come from
+  `create_eval_iterator(..., native_masks=True)`. Each predicted mask is
+  brought back with `restore_mask_size` (predict.py's path) and counted
+  against the stored mask with `metrics.class_counts`, on the host; the
+  loss stays the model-resolution one of the eval step.
+  """
+  accumulator = metrics_lib.MetricAccumulator()
+  loss_sum, loss_count = 0.0, 0.0
+  pending = []
+  num_classes = config.model.num_classes
+
+  def drain(item):
+    nonlocal loss_sum, loss_count
+    (outputs, classes), native, valid = item
+    _, (ls, lc) = train_lib.split_eval_outputs(parallel.to_host(outputs))
+    loss_sum, loss_count = loss_sum + float(ls), loss_count + float(lc)
+    classes = _local_rows(classes)
+    for i in np.flatnonzero(valid):
+      truth = native[i]
+      predicted = input_pipeline.restore_mask_size(classes[i], truth.shape[:2],
+                                                   config)
+      accumulator.add(metrics_lib.class_counts(
+          predicted[None], truth[None], np.ones(1, np.float32),
+          num_classes=num_classes, xp=np))
+
+  for local_batch in batches:
+    local_batch = dict(local_batch)
+    native = local_batch.pop('native_mask')
+    valid = np.asarray(local_batch['valid']) > 0
+    local_batch = train_lib.pad_local_batch(local_batch, jax.local_device_count())
+    pending.append((eval_step(variables, parallel.shard_batch(mesh, local_batch)),
+                    native, valid))
+    if len(pending) > 2:  # bound the device queue, keep it busy
+      drain(pending.pop(0))
+  for item in pending:
+    drain(item)
+  totals = _sum_over_processes(accumulator.totals)
+  result = metrics_lib.compute_metrics(totals)
+  result['loss'] = loss_sum / max(loss_count, 1.0)
+  return result
+
+
 def evaluate(model: nnx.Module, config: ml_collections.ConfigDict, split: str,
              *, mesh: jax.sharding.Mesh | None = None,
              batch_size: int | None = None, num_samples: int = 0,
-             progress: bool = False) -> EvalOutput:
+             progress: bool = False, resolution: str = 'native') -> EvalOutput:
   """Metrics of `model` over every example of `split`, each counted once.
 
-  Runs `train_lib.evaluate` with `train_lib.make_eval_step`: the loop and
-  step of training validation, so eval.py and the training log compute
-  their numbers identically. The first `num_samples` examples (in split
-  order) are kept with their predictions for overlays.
+  resolution='model' runs `train_lib.evaluate` with
+  `train_lib.make_eval_step`: the loop and step of training validation, so
+  its numbers are the training log's. 'native' (the default) runs the same
+  step and counts each image at its own size (`evaluate_native`). The
+  first `num_samples` examples (in split order) are kept with their
+  predictions for overlays.
   """
+  if resolution not in RESOLUTIONS:
+    raise EvaluationError(f'resolution must be one of {tuple(RESOLUTIONS)}, '
+                          f'got {resolution!r}')
+  native = resolution == 'native'
   mesh = mesh if mesh is not None else parallel.create_mesh()
   batch_size = int(batch_size or config.eval_batch_size)
   try:
@@ -138,10 +216,12 @@ def evaluate(model: nnx.Module, config: ml_collections.ConfigDict, split: str,
     raise EvaluationError(str(e).replace('(set --config.eval_batch_size=N)',
                                          '(set --batch_size=N)')) from e
   total = check_split(config, split)
-  eval_step, variables = train_lib.make_eval_step(model, config, mesh)
+  eval_step, variables = train_lib.make_eval_step(model, config, mesh,
+                                                  predictions=native)
   batches = input_pipeline.create_eval_iterator(
       config, split, batch_size=local_batch_size,
-      process_index=jax.process_index(), process_count=jax.process_count())
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      native_masks=native)
   bar = None
   if progress and jax.process_index() == 0:
     import tqdm  # pylint: disable=import-outside-toplevel
@@ -150,8 +230,10 @@ def evaluate(model: nnx.Module, config: ml_collections.ConfigDict, split: str,
   samples: dict[str, list[np.ndarray]] = {'image': [], 'mask': [], 'index': []}
   start = time.perf_counter()
   try:
-    result = train_lib.evaluate(eval_step, variables,
-                                _tap(batches, samples, num_samples, bar), mesh)
+    tapped = _tap(batches, samples, num_samples, bar)
+    result = (evaluate_native(eval_step, variables, tapped, mesh, config)
+              if native else
+              train_lib.evaluate(eval_step, variables, tapped, mesh))
   except ValueError as e:
     if 'no images were evaluated' in str(e):
       raise EvaluationError(f'split {split!r} produced no images') from e
@@ -172,7 +254,8 @@ def evaluate(model: nnx.Module, config: ml_collections.ConfigDict, split: str,
     sample_arrays['prediction'] = np.asarray(
         metrics_lib.predict_classes(logits, config.threshold))
   return EvalOutput(metrics=result, loss=loss, seconds=seconds,
-                    batch_size=batch_size, samples=sample_arrays, notes=notes)
+                    batch_size=batch_size, resolution=resolution,
+                    samples=sample_arrays, notes=notes)
 
 
 # ----------------------------------------------------------------------------
@@ -226,11 +309,14 @@ def build_report(*, workdir: str, checkpoint: str | int, step: int,
           'split': split,
           'num_images': metrics['num_images'],
           'image_size': config.dataset.image_size,
-          'channels': config.model.in_channels,
+          'resize': config.dataset.resize,
+          'channels': config.dataset.channels,
           'batch_size': output.batch_size,
       },
       'threshold': float(config.threshold),
-      'conventions': metrics_lib.CONVENTIONS,
+      'resolution': output.resolution,
+      'conventions': (f'{RESOLUTIONS[output.resolution]}; loss at model '
+                      f'resolution; {metrics_lib.CONVENTIONS}'),
       'metrics': metrics,
       'eval_seconds': output.seconds,
       'throughput': throughput,
@@ -280,21 +366,45 @@ def default_checkpoint(workdir: str) -> str:
 
 
 def restore(workdir: str, checkpoint: str | int | None,
-            config: ml_collections.ConfigDict | None = None):
+            config: ml_collections.ConfigDict | None = None,
+            overrides: Mapping[str, Any] | None = None):
   """checkpointing.restore_model with the errors a user can act on.
 
-  Returns (config, model, step, selector used). A saved config that cannot
-  be parsed or does not describe a model becomes an EvaluationError naming
-  the workdir; missing workdirs/checkpoints and mismatching checkpoints keep
-  checkpointing's own messages (which list what exists).
+  `overrides` ({'model.attention.kernel': 'xla', ...}) are applied on top
+  of the config (the saved one unless `config` is given) before the model
+  is built: fields that do not change the parameters (kernel, dtype, data
+  location, threshold, ...) are safe; the checkpoint must still fit the
+  model. Returns (config, model, step, selector used). A saved config that
+  cannot be parsed or does not describe a model, or a config the data
+  cannot feed, becomes an EvaluationError; missing workdirs/checkpoints and
+  mismatching checkpoints keep checkpointing's own messages (which list
+  what exists).
   """
   if not os.path.isdir(workdir):
     raise EvaluationError(f'workdir {workdir!r} does not exist')
   selector = (parse_checkpoint(checkpoint) if checkpoint not in (None, '')
               else default_checkpoint(workdir))
+
+  def prepare(loaded: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    loaded = ml_collections.ConfigDict(loaded.to_dict())
+    for key, value in (overrides or {}).items():
+      try:
+        loaded.update_from_flattened_dict({key: value})
+      except (KeyError, AttributeError, TypeError) as e:
+        raise EvaluationError(
+            f'cannot apply --config.{key}={value!r} to the config of '
+            f'{workdir!r}: {e}') from None
+    try:
+      input_pipeline.check_config(loaded)
+      models.check_backend(loaded.model)
+    except ValueError as e:
+      raise EvaluationError(str(e)) from None
+    return loaded
+
   try:
     config, model, step = checkpointing.restore_model(workdir, selector,
-                                                      config=config)
+                                                      config=config,
+                                                      prepare=prepare)
   except json.JSONDecodeError as e:
     raise EvaluationError(
         f'the config saved in {workdir!r} cannot be read ({e}); pass the '
@@ -317,21 +427,31 @@ def run(workdir: str, *, checkpoint: str | int | None = None,
         measure_throughput: bool = True, peak_flops: float | None = None,
         measure_train_step: bool = False,
         progress: bool = False, mesh: jax.sharding.Mesh | None = None,
+        resolution: str = 'native',
+        overrides: Mapping[str, Any] | None = None,
         ) -> dict[str, Any]:
   """Restore, evaluate, time, draw, and write the report; returns it.
 
   `checkpoint`: 'best' | 'latest' | step; None picks 'best' when available.
   `config` (optional) replaces the config saved in `workdir`; the checkpoint
   must still match it (restore fails clearly otherwise). `split` defaults
-  to the config's `dataset.test_split`. Only process 0 writes files.
+  to the config's `dataset.test_split`. `overrides` ({'a.b': value}, e.g.
+  from `--config.a.b=value`) change fields of that config (see `restore`).
+  `resolution`: where pixels are counted, a key of `RESOLUTIONS`. Only
+  process 0 writes files.
   """
   config_source = ('override (--config)' if config is not None else
                    'saved (with the checkpoint, else DIR/config.json)')
-  config, model, step, selector = restore(workdir, checkpoint, config)
+  if overrides:
+    config_source += ' with ' + ', '.join(
+        f'{k}={v!r}' for k, v in overrides.items())
+  config, model, step, selector = restore(workdir, checkpoint, config,
+                                          overrides=overrides)
   split = split or config.dataset.test_split
   mesh = mesh if mesh is not None else parallel.create_mesh()
   output = evaluate(model, config, split, mesh=mesh, batch_size=batch_size,
-                    num_samples=num_overlays, progress=progress)
+                    num_samples=num_overlays, progress=progress,
+                    resolution=resolution)
   report_path = report_path or default_report_path(workdir, split, step)
   out_dir = artifacts_dir(report_path)
   throughput = None
@@ -383,12 +503,20 @@ def _fmt(value, spec: str) -> str:
   return 'n/a' if value is None else format(value, spec)
 
 
+def _resolution_label(report: dict) -> str:
+  if report.get('resolution', 'model') == 'native':
+    return 'native size'
+  size = report['data']['image_size']
+  return f'model {size}x{size}'
+
+
 def table_rows(report: dict) -> list[tuple[str, str]]:
   """(label, value) rows of one report, in the seed's table order."""
   m = report['metrics']
   ckpt = report['checkpoint']
   rows = [
       ('Checkpoint', f'{ckpt["requested"]} (step {ckpt["step"]})'),
+      ('Counted at', _resolution_label(report)),
       ('F1 (Dice)', _fmt(m['dice'], '.4f')),
       ('IoU (dataset)', _fmt(m['iou'], '.4f')),
       ('IoU (per image)', _fmt(m['iou_per_image'], '.4f')),
@@ -455,12 +583,14 @@ def format_table(reports: Sequence[dict], names: Sequence[str] | None = None) ->
   line = '  '.join(['-' * width0] + ['-' * w for w in widths])
   out = [header]
   setups = {(r['data']['dataset'], r['data']['split'], r['data']['image_size'],
-             r['data']['num_images']) for r in reports}
+             r['data']['num_images'], r.get('resolution', 'model'))
+            for r in reports}
   if len(setups) > 1:
     out.append('WARNING: the reports evaluate different data '
-               '(dataset, split, image size, images): ' + '; '.join(
+               '(dataset, split, image size, images, counted at): ' + '; '.join(
                    f'{n}: {r["data"]["dataset"]}/{r["data"]["split"]} '
-                   f'{r["data"]["image_size"]}px {r["data"]["num_images"]} images'
+                   f'{r["data"]["image_size"]}px {r["data"]["num_images"]} images '
+                   f'{_resolution_label(r)}'
                    for n, r in zip(names, reports)))
   out += [f'{"Metric":<{width0}}  ' + '  '.join(
       f'{n:>{w}}' for n, w in zip(names, widths)), line]

@@ -11,7 +11,7 @@ of a program that imports it.
   pixels red).
 * `plot_training_curves`: loss and IoU against step, for train and
   validation, from the training log `DIR/metrics.jsonl` (read with
-  `logging_utils.read_metrics`).
+  `logging_utils.read_metrics`; its `type` field tells train from eval).
 """
 
 from __future__ import annotations
@@ -150,20 +150,12 @@ def save_overlays(out_dir: str | os.PathLike, images: np.ndarray,
 # ----------------------------------------------------------------------------
 # Training curves from DIR/metrics.jsonl.
 
-TRAIN_NAMES = ('train', 'training')
-EVAL_NAMES = ('eval', 'validation', 'valid', 'val', 'evaluation')
-# Keys that tag a record's phase, most specific first: the training log
-# writes {"type": "eval", "split": "validation", ...} and {"type": "train"}.
-_SPLIT_KEYS = ('split', 'kind', 'mode', 'phase', 'type', 'stage')
-
-
-def _phase(name: str) -> str | None:
-  name = str(name).lower()
-  if name in TRAIN_NAMES:
-    return 'train'
-  if name in EVAL_NAMES:
-    return 'validation'
-  return None
+# The training log's record types (metric_logs, docs/training.md) that hold
+# a curve: 'train' records the training loss, 'eval' records the validation
+# metrics of config.dataset.eval_split, whatever that split is called
+# ('validation', 'test', 'train[90%:]', ...). Other types ('compile',
+# 'resume') hold no curve.
+_CURVES = {'train': 'train', 'eval': 'validation'}
 
 
 def _number(value) -> float | None:
@@ -175,37 +167,38 @@ def _number(value) -> float | None:
 def training_series(records: Iterable[dict[str, Any]],
                     metrics: Sequence[str] = ('loss', 'iou')
                     ) -> dict[str, dict[str, list[tuple[float, float]]]]:
-  """{metric: {'train'|'validation': [(step, value), ...]}} from log records.
+  """{metric: {'train'|'validation': [(step, value), ...]}} from the records
+  of DIR/metrics.jsonl (`metric_logs.read_metrics`).
 
-  Understands records tagged with a split (`{"split": "eval", "step": 10,
-  "loss": ..., "iou": ...}`; also `kind`/`mode`/`phase`/`type`) and flat
-  records with prefixed keys (`train/loss`, `train_loss`, `eval/iou`,
-  `val_iou`, ...). The step is `step` (or `epoch` when there is no step).
+  A record's `type` says which curve it belongs to (`_CURVES`); its `split`
+  is only the name of the evaluated split. Non-finite values (written as
+  strings) are left out.
   """
   series: dict[str, dict[str, list[tuple[float, float]]]] = {
       m: {'train': [], 'validation': []} for m in metrics}
   for record in records:
-    step = _number(record.get('step', record.get('epoch')))
-    if step is None:
+    curve = _CURVES.get(record.get('type'))
+    step = _number(record.get('step'))
+    if curve is None or step is None:
       continue
-    tag = next((record[k] for k in _SPLIT_KEYS if k in record), None)
-    phase = _phase(tag) if tag is not None else None
-    for key, value in record.items():
-      value = _number(value)
-      if value is None:
-        continue
-      if phase is not None and key in series:
-        series[key][phase].append((step, value))
-        continue
-      for sep in ('/', '_', '.'):
-        head, found, metric = key.partition(sep)
-        if found and metric in series and _phase(head):
-          series[metric][_phase(head)].append((step, value))
-          break
+    for metric in metrics:
+      value = _number(record.get(metric))
+      if value is not None:
+        series[metric][curve].append((step, value))
   for per_phase in series.values():
     for phase in per_phase:
       per_phase[phase].sort()
   return series
+
+
+def _eval_splits(records: Iterable[dict[str, Any]]) -> list[str]:
+  """Names of the splits the 'eval' records evaluated, in order of appearance."""
+  names: list[str] = []
+  for record in records:
+    split = record.get('split')
+    if record.get('type') == 'eval' and split is not None and split not in names:
+      names.append(str(split))
+  return names
 
 
 def plot_training_curves(workdir: str | os.PathLike, out_path: str | os.PathLike,
@@ -219,7 +212,12 @@ def plot_training_curves(workdir: str | os.PathLike, out_path: str | os.PathLike
   log_path = os.path.join(os.fspath(workdir), logging_utils.METRICS_FILE)
   if not os.path.exists(log_path):
     raise FileNotFoundError(f'no training log at {log_path}')
-  series = training_series(logging_utils.read_metrics(os.fspath(workdir)), metrics)
+  records = logging_utils.read_metrics(os.fspath(workdir))
+  series = training_series(records, metrics)
+  splits = _eval_splits(records)
+  labels = {'train': 'train',
+            'validation': ('validation' if splits in ([], ['validation'])
+                           else f'validation ({", ".join(splits)})')}
   if not any(points for per in series.values() for points in per.values()):
     raise ValueError(f'{log_path} has no train or validation values of '
                      f'{", ".join(metrics)}')
@@ -233,7 +231,7 @@ def plot_training_curves(workdir: str | os.PathLike, out_path: str | os.PathLike
     for phase, points in series[metric].items():
       if points:
         steps, values = zip(*points)
-        ax.plot(steps, values, label=phase, **styles[phase])
+        ax.plot(steps, values, label=labels[phase], **styles[phase])
     ax.set_xlabel('step')
     ax.set_ylabel(metric)
     ax.set_title(metric)

@@ -36,7 +36,7 @@ import json
 import logging
 import os
 import shutil
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import ml_collections
@@ -410,11 +410,14 @@ def _checkpoint_config(workdir: str, step: int) -> ml_collections.ConfigDict | N
 
 
 def restore_model(workdir: str | os.PathLike, checkpoint: str | int = 'latest',
-                  config: ml_collections.ConfigDict | None = None):
+                  config: ml_collections.ConfigDict | None = None, *,
+                  prepare: Callable[[ml_collections.ConfigDict],
+                                    ml_collections.ConfigDict] | None = None):
   """Loads a trained model: -> (config, model in eval mode, step).
 
   The model is rebuilt from `config` if given, else from the config saved
-  with the checkpoint (else DIR/config.json), then its parameters and
+  with the checkpoint (else DIR/config.json), passed through `prepare` when
+  given (e.g. command-line overrides and checks), then its parameters and
   BatchNorm statistics are loaded (on the first local device). Raises
   FileNotFoundError (no workdir / no checkpoints), CheckpointError (unknown
   step, listing the available ones; 'best' without metrics; a parameter
@@ -426,6 +429,8 @@ def restore_model(workdir: str | os.PathLike, checkpoint: str | int = 'latest',
     config = _checkpoint_config(workdir, step)
   if config is None:
     config = load_config(workdir)
+  if prepare is not None:
+    config = prepare(config)
   model_def, variables = train_state_lib.split_model(
       train_state_lib.abstract_model(config.model))
   manager = create_manager(workdir, read_only=True, async_save=False)

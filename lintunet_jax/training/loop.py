@@ -54,6 +54,20 @@ class NonFiniteLossError(FloatingPointError):
   """The loss (or gradient norm) became NaN or Inf; training stopped."""
 
 
+class ConfigError(ValueError):
+  """The config cannot run here (data that cannot feed the model, a kernel
+  this backend cannot compile); raised before anything is built."""
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming the field(s) and the fix."""
+  try:
+    input_pipeline.check_config(config)
+    models.check_backend(config.model)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+
+
 class TrainingInterrupted(RuntimeError):
   """SIGTERM: a checkpoint of the current step was saved, then training stopped."""
 
@@ -111,7 +125,8 @@ def make_train_step(model_def: ModelDef, optimizer: optax.GradientTransformation
 
 
 def make_eval_step(model: nnx.Module | ModelDef, config: ml_collections.ConfigDict,
-                   mesh: jax.sharding.Mesh, *, threshold: float | None = None):
+                   mesh: jax.sharding.Mesh, *, threshold: float | None = None,
+                   predictions: bool = False):
   """The evaluation step shared by training validation and eval.py.
 
   model: an NNX model (e.g. from `checkpointing.restore_model`) or a
@@ -119,13 +134,16 @@ def make_eval_step(model: nnx.Module | ModelDef, config: ml_collections.ConfigDi
   {'params', 'batch_stats'} replicated over `mesh` (None for a ModelDef),
   and `eval_step(variables, batch) -> outputs`, jitted, where `batch` is
   sharded along 'data' with 'image', 'mask' and optionally 'valid' (1 for
-  real examples, 0 for padding). The model runs in eval mode (running
-  BatchNorm statistics). `outputs` are replicated device arrays: the
-  `metrics.batch_counts` of the global batch summed over devices (int32
-  counts, float32 'iou_image_sum'), plus 'loss_sum' (sum of the valid
-  examples' losses, `config.loss`) and 'loss_count' (number of valid
-  examples). Feed `split_eval_outputs(outputs)[0]` to a
-  `metrics.MetricAccumulator`.
+  real examples, 0 for padding) and 'region' (1 where the image lies: the
+  canvas of `resize='pad'` is never counted). The model runs in eval mode
+  (running BatchNorm statistics). `outputs` are replicated device arrays:
+  the `metrics.batch_counts` of the global batch summed over devices (int32
+  counts at model resolution, float32 'iou_image_sum'), plus 'loss_sum'
+  (sum of the valid examples' losses, `config.loss`) and 'loss_count'
+  (number of valid examples). Feed `split_eval_outputs(outputs)[0]` to a
+  `metrics.MetricAccumulator`. With `predictions`, the step returns
+  `(outputs, classes)`: also the predicted class ids uint8 [B, S, S],
+  sharded like the batch (for metrics at each image's own size).
   """
   threshold = config.threshold if threshold is None else threshold
   if isinstance(model, ModelDef):
@@ -144,16 +162,20 @@ def make_eval_step(model: nnx.Module | ModelDef, config: ml_collections.ConfigDi
     if valid is None:
       valid = jnp.ones(logits.shape[:1], jnp.float32)
     counts = metrics_lib.batch_counts(logits, batch['mask'], valid,
-                                      threshold=threshold)
+                                      threshold=threshold,
+                                      region=batch.get('region'))
     per_example = losses.per_example_loss(loss_name, logits, batch['mask'])
     weight = (valid > 0).astype(jnp.float32)
     outputs = dict(counts)
     outputs['loss_sum'] = jnp.sum(per_example * weight)
     outputs['loss_count'] = jnp.sum(weight)
+    if predictions:
+      classes = metrics_lib.predict_classes(logits, threshold).astype(jnp.uint8)
+      return lax.psum(outputs, axis), classes
     return lax.psum(outputs, axis)
 
   step = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(axis)),
-                       out_specs=P())
+                       out_specs=(P(), P(axis)) if predictions else P())
   return jax.jit(step), variables
 
 
@@ -288,6 +310,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   same run from the last complete checkpoint."""
   parallel.maybe_initialize_distributed(config)
   parallel.check_accelerator(config)
+  check_config(config)
   config = parallel.resolve_batch_sizes(config)
   is_main = jax.process_index() == 0
   mesh = parallel.create_mesh()
@@ -414,6 +437,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             process_index=jax.process_index(), process_count=jax.process_count())
         last_eval = evaluate(eval_step, state.variables, batches, mesh)
         last_eval['split'] = config.dataset.eval_split
+        # Validation counts pixels on the model's canvas (pad excluded);
+        # eval.py defaults to each image's own size (docs/evaluation.md).
+        last_eval['resolution'] = 'model'
         writer.write('eval', step, {'epoch': step / steps_per_epoch,
                                     **last_eval})
         summary = (f'step {step}: validation loss {last_eval["loss"]:.4f} '

@@ -28,7 +28,7 @@ def _case(name, n):
 
 
 def _pallas(q, k, v, global_kv, mask, block):
-  with ak.schedule(kernel='pallas'):
+  with ak.schedule(kernel='pallas', pallas_interpret=True):  # explicitly
     return ak.block_sparse_attention(q, k, v, mask=mask, block_size=block,
                                      global_kv=global_kv)
 
@@ -62,7 +62,7 @@ def test_rectangular_tiles_and_the_xla_kernel_agree():
   mask = _case('local_2d', n)
   (q, k, v), _ = random_inputs(n, batch=1, heads=3, dim=12)
   xla = ak.block_sparse_attention(q, k, v, mask=mask, block_size=8)
-  with ak.schedule(kernel='pallas', query_block=16):  # 16-query x 8-key tiles
+  with ak.schedule(kernel='pallas', query_block=16, pallas_interpret=True):  # 16x8 tiles
     fused = ak.block_sparse_attention(q, k, v, mask=mask, block_size=8)
   assert rel_err(fused, xla) <= TOL
 
@@ -102,6 +102,23 @@ def test_unknown_kernel_and_compiling_off_gpu_are_clear_errors():
     with pytest.raises(ValueError, match='Only interpret mode'):
       pa.block_sparse_attention(q, k, v, layout=layout, mask=masks.LocalMask(3),
                                 scale=1.0, interpret=False)
+
+
+def test_pallas_off_gpu_is_refused_unless_interpretation_is_explicit():
+  """Asked for without `pallas_interpret`, the Pallas kernel must compile;
+  off GPU that is an error naming the override, never a silent fall-back
+  to the (very slow) interpreter."""
+  if jax.default_backend() == 'gpu':
+    pytest.skip('the kernels compile on GPUs')
+  (q, k, v), _ = random_inputs(32, batch=1, heads=1)
+  mask = masks.LocalMask(3)
+  with ak.schedule(kernel='pallas'):
+    with pytest.raises(ak.KernelUnavailableError,
+                       match='--config.model.attention.kernel=xla'):
+      ak.block_sparse_attention(q, k, v, mask=mask, block_size=16)
+  with pytest.raises(ak.KernelUnavailableError, match="kernel='pallas' needs a GPU"):
+    ak.check_kernel('pallas')
+  ak.check_kernel('xla')
 
 
 @pytest.mark.parametrize('pattern, n, num_global', [

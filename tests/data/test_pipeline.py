@@ -69,6 +69,14 @@ def config(raw_dir, data_dir):
   return config
 
 
+def _ids_of(native_mask, raw_dir):
+  """The file id whose written mask equals `native_mask`."""
+  for path in sorted((raw_dir / 'val' / 'masks').iterdir()):
+    if np.array_equal(np.asarray(Image.open(path)) > 0, native_mask > 0):
+      return path.stem
+  raise AssertionError('no written mask matches')
+
+
 def _ids(batch):
   """Example ids from the flat gray level in the top-left corner."""
   level = np.rint(batch['image'][:, 0, 0, 0] * 255).astype(int)
@@ -216,7 +224,7 @@ def test_preprocess_and_restore_geometry(config):
   assert restored.shape == (565, 584) and np.mean(restored == big) > 0.97
 
   config.dataset.resize = 'resize'
-  config.dataset.channels = 3
+  config.dataset.channels = config.model.in_channels = 3
   config.dataset.normalization = 'standardize'
   model_input = input_pipeline.preprocess_image(image, config)
   assert model_input.shape == (32, 32, 3)
@@ -248,6 +256,38 @@ def test_config_errors_are_explained(config):
                                          process_count=2)
   with pytest.raises(ValueError, match=r"no split 'testing'.*'train'"):
     input_pipeline.num_examples(config, 'testing')
+  # RGB images for a one-channel model: refused before any image is read,
+  # naming both fields (it used to reach the first convolution).
+  config.dataset.channels = 3
+  with pytest.raises(ValueError, match=r'config\.dataset\.channels=3 but '
+                     r'config\.model\.in_channels=1'):
+    input_pipeline.check_config(config)
+  with pytest.raises(ValueError, match='model.in_channels'):
+    input_pipeline.create_eval_iterator(config, 'validation', process_index=0,
+                                        process_count=1)
+  config.model.in_channels = 3
+  input_pipeline.check_config(config)
+
+
+def test_eval_batches_carry_native_masks_and_the_image_region(config, raw_dir):
+  """For metrics at native size: the stored masks, and where the image lies
+  on the canvas (padding and padded examples excluded)."""
+  config.dataset.resize = 'pad'
+  batches = list(input_pipeline.create_eval_iterator(
+      config, 'validation', process_index=0, process_count=1, native_masks=True))
+  assert sum(int(b['valid'].sum()) for b in batches) == NUM_VALIDATION
+  for batch in batches:
+    for valid, region, native in zip(batch['valid'], batch['region'],
+                                     batch['native_mask']):
+      if not valid:
+        assert region.sum() == 0 and native.size == 0
+        continue
+      assert native.shape == (HEIGHT, WIDTH)
+      _ids_of(native, raw_dir)  # one of the masks as written, not resized
+      # 24x20 fits the 32 canvas: kept at native size, centred.
+      rows, cols = np.flatnonzero(region.any(1)), np.flatnonzero(region.any(0))
+      assert (rows[0], rows[-1] + 1, cols[0], cols[-1] + 1) == (4, 28, 6, 26)
+      assert region.sum() == HEIGHT * WIDTH
 
 
 def test_worker_processes_give_the_same_batches(config):

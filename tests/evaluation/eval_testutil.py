@@ -1,8 +1,10 @@
 """Shared set-up of the evaluation and prediction tests: one tiny recipe
 and the environment their CLI subprocesses run in."""
 
+import json
 import os
 import pathlib
+import shutil
 
 from configs import lintunet
 
@@ -34,3 +36,24 @@ def cli_env(base: pathlib.Path) -> dict:
              JAX_PLATFORMS='cpu',
              PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get('PYTHONPATH')])))
   return env
+
+
+def as_trained_with_pallas(workdir: pathlib.Path, copy: pathlib.Path) -> pathlib.Path:
+  """A copy of `workdir` whose saved configs say model.attention.kernel=
+  'pallas', as a run trained on a GPU with the fused kernels leaves them
+  (the parameters are the same with either kernel)."""
+  shutil.copytree(workdir, copy)
+  edited = 0
+  for path in [copy / 'config.json', *(copy / 'checkpoints').glob('*/config/*')]:
+    try:
+      saved = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+      continue  # orbax's own files (commit_success.txt, ...)
+    if not isinstance(saved, dict) or 'model' not in saved:
+      continue
+    assert saved['model']['attention']['kernel'] == 'xla'
+    saved['model']['attention']['kernel'] = 'pallas'
+    path.write_text(json.dumps(saved))
+    edited += 1
+  assert edited >= 2, 'no checkpoint config found to edit'
+  return copy

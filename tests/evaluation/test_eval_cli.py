@@ -17,7 +17,7 @@ import pytest
 from lintunet_jax.training import checkpointing
 from lintunet_jax.training import metric_logs as logging_utils
 from lintunet_jax import models
-from tests.evaluation.eval_testutil import ROOT, cli_env, tiny_config
+from tests.evaluation.eval_testutil import ROOT, as_trained_with_pallas, cli_env, tiny_config
 
 def run_cli(env, *args, timeout=300):
   proc = subprocess.run([sys.executable, str(ROOT / 'eval.py'), *map(str, args)],
@@ -123,3 +123,30 @@ def test_config_that_cannot_be_restored(workdirs, tmp_path):
     path.write_text('not json')
   _fails(run_cli(workdirs['env'], '--workdir', broken),
          'cannot be read', str(broken))
+
+
+def test_kernel_override_on_top_of_the_saved_config(workdirs, tmp_path):
+  """A checkpoint trained with the Pallas kernel (saved config says so) is
+  evaluated off GPU with --config.model.attention.kernel=xla; without it,
+  a clear error names that override (never a silent interpreter run)."""
+  pallas = as_trained_with_pallas(workdirs['lintunet'], tmp_path / 'pallas')
+  _fails(run_cli(workdirs['env'], '--workdir', pallas, '--nothroughput',
+                 '--num_overlays', '0'),
+         "kernel='pallas' needs a GPU", '--config.model.attention.kernel=xla')
+  report_path = tmp_path / 'report.json'
+  proc = run_cli(workdirs['env'], '--workdir', pallas, '--nothroughput',
+                 '--num_overlays', '0', '--report', report_path,
+                 '--config.model.attention.kernel=xla')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = json.loads(report_path.read_text())
+  assert report['config']['model']['attention']['kernel'] == 'xla'
+  assert "model.attention.kernel='xla'" in report['config_source']
+  assert report['config']['model']['width'] == 4  # the rest is the saved config
+  assert report['resolution'] == 'native'
+  assert 'Counted at' in proc.stdout and 'native size' in proc.stdout
+
+
+def test_channels_that_do_not_match_the_model(workdirs):
+  _fails(run_cli(workdirs['env'], '--workdir', workdirs['unet'], '--nothroughput',
+                 '--config.dataset.channels=3'),
+         'config.dataset.channels=3 but config.model.in_channels=1')

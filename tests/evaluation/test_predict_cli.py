@@ -23,6 +23,7 @@ from lintunet_jax.data import image_io
 from lintunet_jax.data import pipeline as input_pipeline
 from lintunet_jax import metrics
 from lintunet_jax import models
+from tests.evaluation import eval_testutil
 from tests.evaluation.eval_testutil import ROOT, cli_env, tiny_config
 from lintunet_jax.evaluation import prediction
 
@@ -161,3 +162,19 @@ def test_collect_inputs_and_stems(tmp_path):
   assert stems == ['a', 'a-2', 'a-2-2', 'b']
   assert prediction.mask_to_png_array(np.array([[0, 1]]), 1).tolist() == [[0, 255]]
   assert prediction.mask_to_png_array(np.array([[0, 2]]), 3).tolist() == [[0, 2]]
+
+
+def test_kernel_override_on_top_of_the_saved_config(setup, tmp_path):
+  """As eval.py: a Pallas-trained checkpoint runs off GPU with
+  --config.model.attention.kernel=xla, and stops with a clear error
+  naming that override without it (never the slow interpreter)."""
+  pallas = eval_testutil.as_trained_with_pallas(setup['workdir'], tmp_path / 'pallas')
+  image = setup['inputs'] / 'scan_a.png'
+  _fails(run_cli(setup['env'], '--workdir', pallas, '--input', image,
+                 '--output', tmp_path / 'refused'),
+         "kernel='pallas' needs a GPU", '--config.model.attention.kernel=xla')
+  assert not (tmp_path / 'refused').exists()
+  proc = run_cli(setup['env'], '--workdir', pallas, '--input', image,
+                 '--output', tmp_path / 'out', '--config.model.attention.kernel=xla')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert (tmp_path / 'out' / 'scan_a.png').exists()

@@ -113,9 +113,11 @@ def expected_metrics(logits, masks, threshold=0.5):
 
 @pytest.fixture(scope='module')
 def report(setup):
+  # At model resolution (the counts training validation makes), which the
+  # expected metrics below compute; native resolution has its own test file.
   return evaluation.run(setup['workdir'], num_overlays=3,
                         throughput_batch_sizes=(1, 2), throughput_runs=2,
-                        throughput_warmup=1)
+                        throughput_warmup=1, resolution='model')
 
 
 def test_report_metrics_match_sklearn(setup, report):
@@ -140,13 +142,15 @@ def test_report_schema_and_files(setup, report):
     on_disk = json.load(f)
   assert on_disk == json.loads(json.dumps(report))
   for key in ('schema_version', 'created', 'workdir', 'checkpoint', 'config_source',
-              'model', 'data', 'threshold', 'conventions', 'metrics',
+              'model', 'data', 'threshold', 'resolution', 'conventions', 'metrics',
               'eval_seconds', 'throughput', 'train_throughput', 'artifacts',
               'notes', 'config', 'report_path'):
     assert key in report, key
   assert report['data'] == {'dataset': 'synthetic_mri/small', 'split': 'test',
-                            'num_images': 64, 'image_size': 32, 'channels': 1,
-                            'batch_size': 24}
+                            'num_images': 64, 'image_size': 32, 'resize': 'resize',
+                            'channels': 1, 'batch_size': 24}
+  assert report['resolution'] == 'model'
+  assert report['conventions'].startswith(evaluation.RESOLUTIONS['model'])
   assert report['model']['name'] == 'lintunet'
   assert report['model']['num_parameters'] == models.count_parameters(setup['models'][7])
   assert 'both empty' in report['conventions'] or 'empty' in report['conventions']
@@ -267,6 +271,14 @@ def test_comparison_table():
   table = evaluation.format_table([a, b])
   assert 'lintunet (lintunet)' in table and 'lintunet (lintunet_v2)' in table
   assert 'WARNING: the reports evaluate different data' in table
+  # Counted at different resolutions: not comparable either, and the table says so.
+  a, b = _report('unet', 0.5), _report('lintunet', 0.6)
+  a['resolution'], b['resolution'] = 'native', 'model'
+  table = evaluation.format_table([a, b])
+  assert 'WARNING: the reports evaluate different data' in table
+  rows = {c[0]: c[1:] for c in (re.split(r'\s{2,}', l.strip())
+                                for l in table.splitlines()[4:])}
+  assert rows['Counted at'] == ['native size', 'model 32x32']
 
 
 def test_multiclass_rows():

@@ -63,34 +63,23 @@ def test_save_overlays(tmp_path, channels):
   assert width2 < width
 
 
-def test_training_series_formats():
+@pytest.mark.parametrize('eval_split', ['validation', 'test', 'train[90%:]'])
+def test_training_series_reads_the_training_log_format(eval_split):
+  """The records `logging_utils.MetricWriter` writes (docs/training.md):
+  `type` tells train from eval, whatever config.dataset.eval_split is
+  called; 'compile' and 'resume' records hold no curve."""
   records = [
-      {'split': 'train', 'step': 2, 'loss': 0.5, 'iou': 0.2},
-      {'split': 'train', 'step': 1, 'loss': 0.7},
-      {'split': 'eval', 'step': 2, 'loss': 0.6, 'iou': 0.3},
-      {'step': 4, 'train/loss': 0.4, 'val_iou': 0.35, 'eval/loss': 0.55},
-      {'step': 5, 'kind': 'validation', 'loss': float('nan')},  # skipped
-      {'no_step': 1, 'train/loss': 9.0},  # skipped
-  ]
-  s = visualize.training_series(records)
-  assert s['loss']['train'] == [(1, 0.7), (2, 0.5), (4, 0.4)]
-  assert s['loss']['validation'] == [(2, 0.6), (4, 0.55)]
-  assert s['iou']['train'] == [(2, 0.2)]
-  assert s['iou']['validation'] == [(2, 0.3), (4, 0.35)]
-
-
-def test_training_series_reads_the_training_log_format():
-  """The records `logging_utils.MetricWriter` writes (docs/training.md)."""
-  records = [
+      {'type': 'compile', 'step': 1, 'first_step_s': 31.2, 'time': 9.8},
       {'type': 'train', 'step': 10, 'epoch': 0.5, 'loss': 0.4, 'lr': 1e-3},
-      {'type': 'eval', 'step': 20, 'split': 'validation', 'loss': 0.3, 'iou': 0.7},
-      {'type': 'eval', 'step': 20, 'split': 'test', 'loss': 0.1, 'iou': 0.9},
+      {'type': 'eval', 'step': 20, 'split': eval_split, 'loss': 0.3, 'iou': 0.7,
+       'resolution': 'model'},
       {'type': 'resume', 'step': 20, 'time': 1.0},
       {'type': 'train', 'step': 30, 'loss': 'nan'},  # non-finite, as written
+      {'type': 'train', 'step': 25, 'loss': 0.35, 'iou': 0.6},
   ]
   s = visualize.training_series(records)
-  assert s['loss'] == {'train': [(10, 0.4)], 'validation': [(20, 0.3)]}
-  assert s['iou'] == {'train': [], 'validation': [(20, 0.7)]}
+  assert s['loss'] == {'train': [(10, 0.4), (25, 0.35)], 'validation': [(20, 0.3)]}
+  assert s['iou'] == {'train': [(25, 0.6)], 'validation': [(20, 0.7)]}
 
 
 def test_plot_training_curves(tmp_path):

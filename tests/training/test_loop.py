@@ -255,9 +255,16 @@ def test_pallas_attention_kernel_lowers_inside_the_data_parallel_step_for_gpus(s
   assert lowered.as_text().count('xla.gpu.triton') >= 3  # forward, dQ, dK/dV
 
 
-def test_pallas_attention_kernel_interpreted_in_shard_map_is_a_clear_error(setup):
+def test_pallas_attention_kernel_off_gpu_is_a_clear_error(setup):
+  """Off GPU the step never falls back to the interpreter: the Pallas kernel
+  is refused naming the override; interpreting it explicitly inside
+  shard_map is refused too (JAX's interpreter cannot run there)."""
   if jax.default_backend() == 'gpu':
     pytest.skip('compiled on GPUs')
   step, state, batch = _pallas_step(setup['config'], 32)
-  with pytest.raises(NotImplementedError, match="model.attention.kernel='xla'"):
+  with pytest.raises(attention_kernels.KernelUnavailableError,
+                     match='--config.model.attention.kernel=xla'):
     step.trace(state, batch)
+  with attention_kernels.schedule(pallas_interpret=True):
+    with pytest.raises(NotImplementedError, match="model.attention.kernel='xla'"):
+      step.trace(state, batch)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
+import pathlib
 
 import numpy as np
 import pytest
@@ -131,3 +132,49 @@ def test_fine_tunes_from_a_weights_only_checkpoint(runs):
   moved = [float(np.abs(np.asarray(a) - np.asarray(b)).max())
            for a, b in zip(_leaves(want['batch_stats']), _leaves(got['batch_stats']))]
   assert max(moved) > 1e-4
+
+
+def test_config_errors_stop_before_anything_is_written(runs, tmp_path):
+  """A Pallas kernel off GPU, or RGB images for a one-channel model: one
+  line naming the field(s) and the fix, exit 1, nothing written."""
+  cases = {
+      'pallas': (dict(model__attention__kernel='pallas'),
+                 ("kernel='pallas' needs a GPU", '--config.model.attention.kernel=xla')),
+      'channels': (dict(dataset__channels=3),
+                   ('config.dataset.channels=3 but config.model.in_channels=1',)),
+  }
+  for name, (overrides, needles) in cases.items():
+    workdir = tmp_path / name
+    result = tu.run_train(workdir, tu.tiny_flags(runs['data_dir'], **overrides))
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert 'Traceback' not in result.stderr
+    for needle in needles:
+      assert needle in result.stderr, (needle, result.stderr[-3000:])
+    assert not (workdir / 'checkpoints').exists()
+    assert not (workdir / 'config.json').exists()
+
+
+def test_resume_with_the_xla_kernel_of_a_run_trained_with_pallas(runs, tmp_path):
+  """A run trained on a GPU with the Pallas kernel resumes off GPU with
+  --config.model.attention.kernel=xla (same parameters, same maths); its
+  original command stops with a clear error there."""
+  from tests.evaluation.eval_testutil import as_trained_with_pallas  # pylint: disable=g-import-not-at-top
+  assert runs['full'].wait().returncode == 0
+  workdir = as_trained_with_pallas(pathlib.Path(runs['full'].workdir), tmp_path / 'pallas')
+  before = checkpointing.list_checkpoints(workdir)
+  common = dict(tu.RESUME, num_train_steps=12, eval_every_steps=4,
+                checkpoint_every_steps=2, keep_checkpoints=2)
+  refused = tu.run_train(workdir, tu.tiny_flags(
+      runs['data_dir'], **common, model__attention__kernel='pallas'), cache=runs['cache'])
+  assert refused.returncode == 1, refused.stderr[-3000:]
+  assert '--config.model.attention.kernel=xla' in refused.stderr
+  assert checkpointing.list_checkpoints(workdir) == before
+  resumed = tu.run_train(workdir, tu.tiny_flags(
+      runs['data_dir'], **common, model__attention__kernel='xla'), cache=runs['cache'])
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  records = logging_utils.read_metrics(str(workdir))
+  assert {'type': 'resume', 'step': 10} in [
+      {'type': r['type'], 'step': r['step']} for r in records if r['type'] == 'resume']
+  assert [r['step'] for r in records if r['type'] == 'train'][-2:] == [11, 12]
+  assert max(checkpointing.list_checkpoints(workdir)) == 12
+  assert checkpointing.load_config(workdir).model.attention.kernel == 'xla'
