@@ -40,9 +40,12 @@ def get_model_config() -> ml_collections.ConfigDict:
   # with the constructors of `lintunet_jax.attention.masks` and combined with | and &.
   attn.pattern = 'local_2d(radius=2)'
   attn.block_size = 16  # query/key tile edge for the block-sparse layout
-  # 'xla' (every backend) | 'pallas' (fused GPU kernels; opt-in until timed
-  # on a GPU, see lintunet_jax/attention/pallas.py)
-  attn.kernel = 'xla'
+  # 'auto': the fused Pallas kernels on GPUs where the tiles suit them (block
+  # sizes of 16, 32, ...; measured 2-4x faster than XLA's ops on an H200,
+  # benchmarks/NOTES.md item 21), XLA's ops elsewhere | 'xla' (every
+  # backend) | 'pallas' (GPUs only). Not a parameter: a checkpoint runs with
+  # any kernel (--config.model.attention.kernel=xla on top of a saved one).
+  attn.kernel = 'auto'
   model.attention = attn
   return model
 

@@ -96,7 +96,7 @@ class LinTUNet(UNet):
         heads=attention.heads, dim_head=attention.get('dim_head'),
         seq_len=attention.seq_len, k=attention.k, share_kv=attention.share_kv,
         pattern=pattern, block_size=attention.block_size,
-        kernel=attention.get('kernel', 'xla'))
+        kernel=attention.get('kernel', 'auto'))
 
   def bottleneck_attention(self, x: jax.Array) -> jax.Array:
     return self.attention(x)
@@ -134,7 +134,7 @@ def check_backend(model_config: ml_collections.ConfigDict) -> None:
     return
   attention = model_config.attention
   if attention.kind in ('block_sparse', 'linformer_block_sparse'):
-    attention_kernels.check_kernel(attention.get('kernel', 'xla'))
+    attention_kernels.check_kernel(attention.get('kernel', 'auto'))
 
 
 def count_parameters(model: nnx.Module) -> int:

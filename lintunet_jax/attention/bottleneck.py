@@ -48,7 +48,7 @@ class EfficientSelfAttention(nnx.Module):
                heads: int = 1, dim_head: int | None = None, seq_len: int = 256,
                k: int = 64, share_kv: bool = False,
                pattern: masks_lib.Mask | None = None, block_size: int = 16,
-               kernel: str = 'xla', dtype=jnp.float32, rngs: nnx.Rngs):
+               kernel: str = 'auto', dtype=jnp.float32, rngs: nnx.Rngs):
     if kind not in KINDS:
       raise ValueError(f'attention kind {kind!r} is not one of {KINDS}')
     if _uses_pattern(kind) and pattern is None:

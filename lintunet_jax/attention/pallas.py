@@ -41,7 +41,7 @@ from lintunet_jax.attention import masks as masks_lib
 # A finite "minus infinity" for masked scores: keeps max/exp free of
 # inf - inf; masked probabilities are zeroed explicitly anyway.
 _MASKED = -0.7 * float(np.finfo(np.float32).max)
-_MIN_TILE = 16  # smallest dot operand edge the GPU lowering accepts
+MIN_TILE = 16  # smallest dot operand edge the GPU lowering accepts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -265,7 +265,7 @@ def _backward(spec, q_tables, kv_tables, q, k, v, out, lse, do):
 
 
 def _padded_dim(dim: int) -> int:
-  return max(_MIN_TILE, pl.next_power_of_2(dim))
+  return max(MIN_TILE, pl.next_power_of_2(dim))
 
 
 def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
@@ -287,8 +287,8 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
         "which values vary across devices. Off GPU use the XLA kernel "
         "(model.attention.kernel='xla'); on a GPU the kernels run compiled")
   bq, bkv = layout.block_q, layout.block_kv
-  if not interpret and (min(bq, bkv) < _MIN_TILE or bq & (bq - 1) or bkv & (bkv - 1)):
-    raise ValueError(f'the GPU kernel needs power-of-two tiles of at least {_MIN_TILE}, '
+  if not interpret and (min(bq, bkv) < MIN_TILE or bq & (bq - 1) or bkv & (bkv - 1)):
+    raise ValueError(f'the GPU kernel needs power-of-two tiles of at least {MIN_TILE}, '
                      f'got {bq}x{bkv} (block_size)')
   batch, heads, n, dim = q.shape
   length = layout.padded_len

@@ -114,8 +114,9 @@ class Schedule:
   lanes: independent loops each chunked pass is split into, which XLA:CPU
     may run concurrently on different cores (one loop of small matmuls keeps
     about one core busy); no gain could be shown on the loaded test machine.
-  kernel: 'xla' (these XLA ops, every backend) or 'pallas' (the fused
-    kernels of `pallas`, compiled for GPUs; opt-in until timed on a GPU).
+  kernel: 'auto' (the default: 'pallas' on GPUs where the tiles suit it,
+    'xla' elsewhere; `resolve_kernel`), 'xla' (these XLA ops, every
+    backend) or 'pallas' (the fused kernels of `pallas`, GPUs only).
   pallas_interpret: the Pallas kernels' `interpret`. None compiles them,
     and off GPU raises `KernelUnavailableError` (naming the override that
     picks the XLA kernel) rather than running Pallas' interpreter, which is
@@ -127,7 +128,7 @@ class Schedule:
   chunk_bytes: int | None = None
   query_block: int = 0
   lanes: int = 1
-  kernel: str = 'xla'
+  kernel: str = 'auto'
   pallas_interpret: bool | None = None
 
   def __post_init__(self):
@@ -135,7 +136,7 @@ class Schedule:
       raise ValueError(f'unknown attention kernel {self.kernel!r}; choose one of {KERNELS}')
 
 
-KERNELS = ('xla', 'pallas')
+KERNELS = ('auto', 'xla', 'pallas')
 
 
 class KernelUnavailableError(ValueError):
@@ -153,7 +154,7 @@ def check_kernel(kernel: str) -> None:
   if kernel not in KERNELS:
     raise ValueError(f'unknown attention kernel {kernel!r}; choose one of {KERNELS}')
   backend = jax.default_backend()
-  if kernel == 'pallas' and backend != 'gpu':
+  if kernel == 'pallas' and backend != 'gpu':  # ('auto' never picks it there)
     raise KernelUnavailableError(
         f"model.attention.kernel='pallas' needs a GPU: the fused Pallas "
         f"kernels compile only for GPUs and this process runs on {backend!r}, "
@@ -161,6 +162,28 @@ def check_kernel(kernel: str) -> None:
         '--config.model.attention.kernel=xla (same parameters, same maths; '
         'eval.py, predict.py and a resumed train.py accept it on top of the '
         'saved config)')
+
+
+def resolve_kernel(kernel: str, layout: layout_lib.BlockLayout,
+                   backend: str | None = None) -> str:
+  """'auto' -> the kernel measured faster for this backend and layout.
+
+  On an H200 the fused Pallas kernels were correct (f32 and bf16, output and
+  gradients) and 2-4x faster than these XLA ops on local patterns, never
+  slower (benchmarks/NOTES.md item 21), so 'auto' picks them on GPUs when
+  the layout suits them: power-of-two tiles of at least 16 (the Triton
+  lowering's smallest dot edge) and equal padded query and key lengths.
+  Everywhere else it picks 'xla', the only kernel that compiles there.
+  'xla' and 'pallas' are returned as they are.
+  """
+  if kernel != 'auto':
+    return kernel
+  backend = backend or jax.default_backend()
+  from lintunet_jax.attention import pallas as pallas_attention  # pylint: disable=g-import-not-at-top
+  bq, bkv = layout.block_q, layout.block_kv
+  suits = (min(bq, bkv) >= pallas_attention.MIN_TILE and not bq & (bq - 1)
+           and not bkv & (bkv - 1) and layout.tiles.shape[1] * bkv == layout.padded_len)
+  return 'pallas' if backend == 'gpu' and suits else 'xla'
 
 
 # Per backend; measured on CPU in benchmarks/NOTES.md: 2 MiB keeps a step's
@@ -492,7 +515,7 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   query_block = min(max(block, how.query_block), n)
   layout = layout_lib.block_layout(mask, n, query_block, block)
   scale = q.shape[-1] ** -0.5
-  if how.kernel == 'pallas':
+  if resolve_kernel(how.kernel, layout) == 'pallas':
     from lintunet_jax.attention import pallas as pallas_attention  # pylint: disable=g-import-not-at-top
     interpret = how.pallas_interpret
     if interpret is None:

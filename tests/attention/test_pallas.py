@@ -142,3 +142,34 @@ def test_kernels_lower_to_triton_for_cuda_without_a_gpu(pattern, n, num_global):
   for lowered in (forward.trace(x, x, x, g, g).lower(lowering_platforms=('cuda',)),
                   backward.trace(x, x, x, x, stats, x).lower(lowering_platforms=('cuda',))):
     assert 'xla.gpu.triton' in lowered.as_text()
+
+
+@pytest.mark.parametrize('backend, block, n, want', [
+    ('gpu', 16, 256, 'pallas'),    # the H200-measured case: Pallas on GPUs
+    ('gpu', 32, 1024, 'pallas'),
+    ('gpu', 4, 64, 'xla'),         # tiles below Triton's smallest dot edge
+    ('gpu', 24, 576, 'xla'),       # not a power of two
+    ('cpu', 16, 256, 'xla'),       # Pallas only interprets off GPU
+    ('tpu', 16, 256, 'xla'),       # (the Triton kernels are not TPU kernels)
+])
+def test_auto_picks_pallas_only_on_gpus_with_tiles_it_compiles(backend, block, n, want):
+  mask = masks.bind_grid(masks.parse_pattern('local_2d(radius=1)'), int(np.sqrt(n)))
+  layout = bl.block_layout(mask, n, block)
+  assert ak.resolve_kernel('auto', layout, backend) == want
+  assert ak.resolve_kernel('xla', layout, backend) == 'xla'
+  assert ak.resolve_kernel('pallas', layout, backend) == 'pallas'
+
+
+def test_auto_is_the_default_and_runs_the_xla_kernel_off_gpu():
+  """Off GPU the default schedule must never reach the Pallas code (which
+  would raise KernelUnavailableError): same result as kernel='xla'."""
+  if jax.default_backend() == 'gpu':
+    pytest.skip('on GPUs auto picks Pallas')
+  assert ak.Schedule().kernel == 'auto'
+  n = 64
+  mask = masks.bind_grid(masks.parse_pattern('local_2d(radius=1)'), 8)
+  (q, k, v), global_kv = random_inputs(n, global_len=4)
+  auto = ak.block_sparse_attention(q, k, v, mask=mask, block_size=16, global_kv=global_kv)
+  with ak.schedule(kernel='xla'):
+    xla = ak.block_sparse_attention(q, k, v, mask=mask, block_size=16, global_kv=global_kv)
+  np.testing.assert_array_equal(np.asarray(auto), np.asarray(xla))
