@@ -102,6 +102,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.step_factor = 0.1
   config.warmup_epochs = 0.0  # linear warm-up (any schedule), may be fractional
   config.grad_clip_norm = 1.0  # global-norm clipping; <= 0: none
+  # A step with a NaN/Inf loss or gradient is skipped (nothing updated);
+  # this many in a row stop the run (docs/training.md).
+  config.max_consecutive_nonfinite_steps = 5
   config.threshold = 0.5  # probability threshold for binary masks
   # Fail at start-up when JAX found no GPU/TPU and fell back to the CPU
   # (a CUDA or TPU install gone wrong would otherwise train for hours on

@@ -60,6 +60,15 @@ TINY = {
 }
 
 
+# TINY's bottleneck is 2x2 tokens, where every tile of the layout is FULL
+# (dense attention in effect). These overrides give a 4x4 grid (64x64
+# images) in tiles of 2 tokens under a 3x3 window: EMPTY, PARTIAL and FULL
+# tiles, so the block-sparse kernels really skip work (test_sparse_tiles).
+SPARSE = {'dataset__image_size': 64, 'model__attention__seq_len': 16,
+          'model__attention__block_size': 2,
+          'model__attention__pattern': 'local_2d(radius=1)'}
+
+
 # The program of the resume test and the CLI test's main run (same compiled
 # steps, so the persistent cache serves both): dropout on, to exercise RNG.
 RESUME = {'num_train_steps': 10, 'model__attention__dropout': 0.1,

@@ -260,13 +260,28 @@ def create_train_iterator(config, *, process_index: int | None = None,
     iterable = dataset.to_iter_dataset(
         grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
     iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=workers, per_worker_buffer_size=prefetch))
+        num_workers=workers, per_worker_buffer_size=prefetch)
+    ).map(_out_of_shared_memory)
     iterable = grain_experimental.ThreadPrefetchIterDataset(
         iterable, prefetch_buffer_size=prefetch)
   else:
     iterable = dataset.to_iter_dataset(grain.ReadOptions(
         num_threads=2, prefetch_buffer_size=max(2, prefetch)))
   return iter(iterable)
+
+
+def _out_of_shared_memory(batch: Batch) -> Batch:
+  """Copies a batch from the workers' shared memory into ordinary arrays.
+
+  grain hands worker batches over as views of shared-memory blocks that are
+  unlinked when the view is garbage-collected. A batch given to JAX on CPU
+  may be aliased rather than copied, and whatever still holds the last
+  batches when the program exits (collected only at shutdown, after grain's
+  deletion thread stopped) left "leaked shared_memory objects" warnings at
+  the end of every run with workers. Copying here, in the prefetch thread,
+  releases each block as soon as its batch arrives (a memcpy of a batch).
+  """
+  return {key: np.array(value) for key, value in batch.items()}
 
 
 # --- Eval. ----------------------------------------------------------------

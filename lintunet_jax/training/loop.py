@@ -51,7 +51,8 @@ PyTree = Any
 
 
 class NonFiniteLossError(FloatingPointError):
-  """The loss (or gradient norm) became NaN or Inf; training stopped."""
+  """config.max_consecutive_nonfinite_steps steps in a row had a NaN or Inf
+  loss (or gradient norm); training stopped."""
 
 
 class ConfigError(ValueError):
@@ -85,6 +86,11 @@ def make_train_step(model_def: ModelDef, optimizer: optax.GradientTransformation
   along 'data' (`parallel.shard_batch`). metrics: replicated scalars
   'loss' (global batch mean, before the update), 'grad_norm' (global norm
   of the averaged gradient, before clipping) and 'finite' (both finite).
+
+  A step whose loss or gradient is not finite is skipped: parameters,
+  optimizer state and BatchNorm statistics stay as they were (one NaN
+  batch would otherwise poison Adam's moments for good); only `step`
+  advances, as it counts the batches consumed.
   """
   axis = mesh.axis_names[0]
   reseed = model_def.has_dropout_rngs
@@ -112,10 +118,13 @@ def make_train_step(model_def: ModelDef, optimizer: optax.GradientTransformation
     loss_value = lax.pmean(loss_value, axis)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    new_state = state.replace(
-        params=optax.apply_updates(state.params, updates),
-        batch_stats=new_stats, opt_state=opt_state, step=state.step + 1)
     finite = jnp.isfinite(loss_value) & jnp.isfinite(grad_norm)
+    keep_if_bad = lambda new, old: jax.tree.map(
+        lambda n, o: jnp.where(finite, n, o), new, old)
+    new_state = state.replace(
+        params=keep_if_bad(optax.apply_updates(state.params, updates), state.params),
+        batch_stats=keep_if_bad(new_stats, state.batch_stats),
+        opt_state=keep_if_bad(opt_state, state.opt_state), step=state.step + 1)
     return new_state, {'loss': loss_value, 'grad_norm': grad_norm,
                        'finite': finite}
 
@@ -326,6 +335,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   eval_every = _interval(config.eval_every_steps, steps_per_epoch)
   ckpt_every = _interval(config.checkpoint_every_steps, steps_per_epoch)
   log_every = max(1, int(config.log_every_steps))
+  max_skipped = max(1, int(config.get('max_consecutive_nonfinite_steps', 5)))
 
   # Model, optimizer and a fresh (replicated) train state.
   model = init_model(config.model, seed=config.seed,
@@ -369,33 +379,40 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   bar = logging_utils.progress_bar(total_steps, step,
                                    enabled=is_main and config.get('progress_bar', True))
   sigterm = _SigtermFlag()
+  skipped_in_a_row = 0  # non-finite steps since the last applied one
 
   def flush_pending() -> None:
-    """Reads the queued step metrics; raises on a non-finite loss."""
-    nonlocal pending, interval_start, interval_steps, input_wait
+    """Reads the queued step metrics; raises after `max_skipped` non-finite
+    steps in a row (each was skipped by the train step)."""
+    nonlocal pending, interval_start, interval_steps, input_wait, skipped_in_a_row
     if not pending:
       return
     values = [(s, parallel.to_host(m)) for s, m in pending]
     pending = []
-    bad = [(s, m) for s, m in values if not bool(m['finite'])]
-    if bad:
-      s, m = bad[0]
-      manager.wait_until_finished()  # the last good checkpoint is complete
-      good = checkpointing.list_checkpoints(workdir)
-      raise NonFiniteLossError(
-          f'non-finite loss {float(m["loss"])} (gradient norm '
-          f'{float(m["grad_norm"])}) at step {s}; training stopped and the '
-          f'bad state was not saved. Last good checkpoint: '
-          f'{good[-1] if good else "none"} in {checkpointing.checkpoint_dir(workdir)}. '
-          'Try a lower learning_rate or grad_clip_norm, or float32 compute.')
+    for s, m in values:
+      skipped_in_a_row = 0 if bool(m['finite']) else skipped_in_a_row + 1
+      if skipped_in_a_row >= max_skipped:
+        manager.wait_until_finished()  # the last checkpoint is complete
+        good = checkpointing.list_checkpoints(workdir)
+        raise NonFiniteLossError(
+            f'non-finite loss {float(m["loss"])} (gradient norm '
+            f'{float(m["grad_norm"])}) at {skipped_in_a_row} steps in a row, '
+            f'steps {s - skipped_in_a_row + 1}-{s} (max_consecutive_nonfinite_steps'
+            f'={max_skipped}); training stopped. Skipped steps are never '
+            f'applied, so the checkpoints hold no NaN. Last checkpoint: '
+            f'{good[-1] if good else "none"} in {checkpointing.checkpoint_dir(workdir)}. '
+            'Try a lower learning_rate or grad_clip_norm, or float32 compute.')
+    applied = [m for _, m in values if bool(m['finite'])]
     now = time.time()
     elapsed = max(now - interval_start, 1e-9)
     rate = interval_steps * config.batch_size / elapsed
     wait_fraction = min(1.0, input_wait / elapsed)
     interval_start, interval_steps, input_wait = now, 0, 0.0
     record = {'epoch': values[-1][0] / steps_per_epoch,
-              'loss': float(np.mean([float(m['loss']) for _, m in values])),
-              'grad_norm': float(np.mean([float(m['grad_norm']) for _, m in values])),
+              # Means over the applied steps (NaN if all were skipped).
+              'loss': float(np.mean([float(m['loss']) for m in applied] or np.nan)),
+              'grad_norm': float(np.mean([float(m['grad_norm']) for m in applied] or np.nan)),
+              'skipped_steps': len(values) - len(applied),  # non-finite
               'lr': float(schedule(values[-1][0] - 1)),
               'images_per_sec': round(rate, 2),
               # Share of the interval spent waiting for the next batch:
@@ -450,7 +467,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           bar.write(summary)
       stop = sigterm.received
       if step % ckpt_every == 0 or do_eval or is_last or stop:
-        flush_pending()  # never save a state that followed a non-finite loss
+        flush_pending()  # stop before saving if the skipped steps hit the limit
         checkpointing.save_checkpoint(
             manager, step, variables=state.variables,
             train={'opt_state': state.opt_state, 'step': state.step, 'rng': state.rng},

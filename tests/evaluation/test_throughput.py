@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from configs import lintunet
 from lintunet_jax import models
@@ -153,11 +154,38 @@ def test_inference_throughput_report_on_tiny_model():
   assert throughput.headline(result)['batch_size'] == 2
   table = throughput.format_throughput_table(result)
   assert 'images/s' in table and len(table.splitlines()) == 4
-  # Forward in inference mode: BatchNorm running statistics are not touched.
-  from flax import nnx
+
+
+def test_timed_forward_is_inference_mode(monkeypatch):
+  """What benchmark_forward times is the eval-mode forward: BatchNorm uses
+  its running statistics, not the batch's, and none are written back."""
+  model = models.create_model(_tiny_config().model)
+  # Running statistics far from a batch's, so the two modes differ clearly.
+  rng = np.random.default_rng(1)
+  stats = nnx.state(model, nnx.BatchStat)
+  nnx.update(model, jax.tree.map(
+      lambda x: jnp.asarray(rng.uniform(0.5, 2.0, x.shape), x.dtype), stats))
   before = jax.tree.map(np.asarray, nnx.state(model, nnx.BatchStat))
-  throughput.benchmark_forward(model, batch_size=1, image_shape=(32, 32, 1),
+  timed = {}
+  real_benchmark = throughput.benchmark
+
+  def spy(fn, *args, **kwargs):
+    timed['fn'], timed['args'] = fn, args
+    return real_benchmark(fn, *args, **kwargs)
+
+  monkeypatch.setattr(throughput, 'benchmark', spy)
+  throughput.benchmark_forward(model, batch_size=2, image_shape=(32, 32, 1),
                                warmup=0, runs=1)
+  state, images = timed['args']
+  got = np.asarray(jax.jit(timed['fn'])(state, images))
+  reference = nnx.clone(model)
+  reference.eval()
+  want = np.asarray(reference(images))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  training = nnx.clone(model)
+  training.train()
+  batch_statistics = np.asarray(training(images))
+  assert np.abs(batch_statistics - want).max() > 1e-2  # the modes differ
   after = jax.tree.map(np.asarray, nnx.state(model, nnx.BatchStat))
   jax.tree.map(np.testing.assert_array_equal, before, after)
 

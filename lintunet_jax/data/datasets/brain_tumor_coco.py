@@ -3,9 +3,11 @@
 Manual directory layout (the export unzipped as is):
 
   manual_dir/
-    train/  _annotations.coco.json  *.jpg
-    valid/  (or val/)  ...          -> split 'validation'
-    test/   ...
+    train/  (or training/)  _annotations.coco.json  *.jpg
+    valid/  (or val/, validation/)  ...   -> split 'validation'
+    test/   (or testing/)  ...
+
+Other folders are not read; the preparation report lists them.
 
 Every annotation, whatever its category, becomes tumour (1); an image with
 no annotation gets an empty mask. Any COCO segmentation export works, not
@@ -52,7 +54,7 @@ class BrainTumorCoco(base.SegmentationBuilder):
     return str(Path(dl_manager.manual_dir).resolve())
 
   def _split_generators(self, dl_manager):
-    folders = coco.find_splits(Path(dl_manager.manual_dir))
+    folders = coco.find_splits(Path(dl_manager.manual_dir), self.report)
     # Index (and so validate) every split before anything is written.
     indexed = {split: coco.index_split(folder, self.report)
                for split, folder in folders.items()}

@@ -29,9 +29,11 @@ from lintunet_jax.data.datasets import rasterize
 from lintunet_jax.data.datasets.report import DataError, PreparationReport, list_some
 
 ANNOTATION_FILE = '_annotations.coco.json'
-# Export folder name -> our split name.
-SPLIT_FOLDERS = {'train': 'train', 'valid': 'validation', 'val': 'validation',
-                 'validation': 'validation', 'test': 'test'}
+# Export folder name (any case) -> our split name.
+SPLIT_FOLDERS = {'train': 'train', 'training': 'train',
+                 'val': 'validation', 'valid': 'validation',
+                 'validation': 'validation',
+                 'test': 'test', 'testing': 'test'}
 _UTF8_BOM = b'\xef\xbb\xbf'
 
 
@@ -63,16 +65,26 @@ def split_folders(folder: Path) -> dict[str, Path]:
   return found
 
 
-def find_splits(root: Path) -> dict[str, Path]:
-  """Split name -> folder holding `_annotations.coco.json` and the images."""
+def other_folders(folder: Path, used) -> list[Path]:
+  """Sub-folders of `folder` not in `used` (hidden ones aside)."""
+  used = {Path(p) for p in used}
+  return sorted(p for p in Path(folder).iterdir() if p.is_dir()
+                and not p.name.startswith('.') and p not in used)
+
+
+def find_splits(root: Path, report: PreparationReport) -> dict[str, Path]:
+  """Split name -> folder holding `_annotations.coco.json` and the images;
+  other sub-folders of `root` go to the report's ignored folders."""
   root = Path(root)
   found = split_folders(root)
   if not found and (root / ANNOTATION_FILE).exists():
     found['train'] = root  # a flat export: one split
   if not found:
-    raise DataError(root, 'no split folders (train/, valid/ or val/, test/) '
-                    f'and no {ANNOTATION_FILE}; see docs/data.md for the '
+    raise DataError(root, 'no split folders (train/ or training/, valid/, '
+                    f'val/ or validation/, test/ or testing/) and no '
+                    f'{ANNOTATION_FILE}; see docs/data.md for the '
                     'expected layout')
+  report.ignore_folders(root, other_folders(root, found.values()))
   return found
 
 

@@ -7,7 +7,9 @@ Accepted layouts (`images/` may also be `image/` or `imgs/`; `masks/` may be
   manual_dir/<split>/images, manual_dir/<split>/masks
   manual_dir/images/<split>, manual_dir/masks/<split>
 
-with <split> one of train, val | valid | validation, test. Files pair by
+with <split> one of train | training, val | valid | validation,
+test | testing (`coco.SPLIT_FOLDERS`). Other folders are not read; the
+preparation report lists them. Files pair by
 their path relative to images/ and masks/ without the extension, so
 `images/p1/007.png` pairs with `masks/p1/007.tif`; a mask may also carry one
 of the suffixes in MASK_SUFFIXES (`007_mask.png`). Everything is checked
@@ -23,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from lintunet_jax.data import image_io
-from lintunet_jax.data.datasets.coco import split_folders
+from lintunet_jax.data.datasets.coco import other_folders, split_folders
 from lintunet_jax.data.datasets.report import DataError, PreparationReport, list_some
 
 IMAGE_DIR_NAMES = ('images', 'image', 'imgs')
@@ -39,9 +41,23 @@ class Pair:
   file_name: str  # the image's path relative to its images folder
 
 
-def find_splits(root: Path) -> dict[str, tuple[Path, Path]]:
-  """Split name -> (images folder, masks folder)."""
+def find_splits(root: Path, report: PreparationReport
+                ) -> dict[str, tuple[Path, Path]]:
+  """Split name -> (images folder, masks folder); the folders not read go
+  to the report's ignored folders."""
   root = Path(root)
+  found = _find_splits(root)
+  read = {folder for pair in found.values() for folder in pair}
+  on_the_way = {parent for folder in read for parent in folder.parents}
+  ignored, todo = [], [root]
+  while todo:  # every folder between root and the ones read
+    for child in other_folders(todo.pop(), read):
+      (todo if child in on_the_way else ignored).append(child)
+  report.ignore_folders(root, ignored)
+  return found
+
+
+def _find_splits(root: Path) -> dict[str, tuple[Path, Path]]:
   images, masks = _child(root, IMAGE_DIR_NAMES), _child(root, MASK_DIR_NAMES)
   if images and masks:
     split_dirs = split_folders(images)
@@ -63,7 +79,8 @@ def find_splits(root: Path) -> dict[str, tuple[Path, Path]]:
   split_dirs = split_folders(root)
   if not split_dirs:
     raise DataError(root, 'expected images/ and masks/ folders, optionally '
-                    'inside train/, val/ and test/ (see docs/data.md)')
+                    'inside split folders such as train/ (or training/), '
+                    'val/ and test/ (or testing/); see docs/data.md')
   found = {}
   for split, folder in split_dirs.items():
     images, masks = (_child(folder, IMAGE_DIR_NAMES),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -52,11 +53,21 @@ class PreparationReport:
   handled: collections.Counter = dataclasses.field(
       default_factory=collections.Counter)
   seconds: float = 0.0
+  # Folders of the source that no split was read from (e.g. a misspelt split
+  # name), relative to the source: listed so that nothing is dropped unseen.
+  ignored_folders: list[str] = dataclasses.field(default_factory=list)
 
   def count(self, what: str, n: int = 1) -> None:
     """Records a quirk handled as documented (e.g. 'polygons clipped')."""
     if n:
       self.handled[what] += n
+
+  def ignore_folders(self, root: Path, folders: list[Path]) -> None:
+    """Records sub-folders of the source `root` that were not read."""
+    for folder in folders:
+      name = Path(folder).relative_to(root).as_posix() + '/'
+      if name not in self.ignored_folders:
+        self.ignored_folders.append(name)
 
   def add_example(self, split: str, mask: np.ndarray) -> None:
     stats = self.splits.setdefault(split, SplitStats())
@@ -71,6 +82,7 @@ class PreparationReport:
         'seconds': round(self.seconds, 2),
         'splits': {k: dataclasses.asdict(v) for k, v in self.splits.items()},
         'handled': dict(sorted(self.handled.items())),
+        'ignored_folders': sorted(self.ignored_folders),
     }
 
   @classmethod
@@ -81,6 +93,7 @@ class PreparationReport:
         splits={k: SplitStats(**v) for k, v in data['splits'].items()},
         handled=collections.Counter(data['handled']),
         seconds=data.get('seconds', 0.0),
+        ignored_folders=list(data.get('ignored_folders', [])),  # newer field
     )
 
   def format(self) -> str:
@@ -98,4 +111,7 @@ class PreparationReport:
         lines.append(f'    {what}: {n}')
     else:
       lines.append('  no input quirks needed handling')
+    if self.ignored_folders:
+      lines.append('  folders ignored (not a split, images or masks folder): '
+                   + ', '.join(sorted(self.ignored_folders)))
     return '\n'.join(lines)

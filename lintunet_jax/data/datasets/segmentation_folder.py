@@ -51,15 +51,17 @@ class SegmentationFolder(base.SegmentationBuilder):
   DEFAULT_CONFIG_NAME = 'gray_binary'
   DESCRIPTION = 'Segmentation masks paired with images by file name.'
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
-      'Put images/ and masks/ folders (optionally inside train/, val/ and '
-      'test/) in manual_dir and pass it as config.dataset.manual_dir. '
+      'Put images/ and masks/ folders (optionally inside split folders: '
+      'train/ or training/, val/, valid/ or validation/, test/ or testing/) '
+      'in manual_dir and pass it as config.dataset.manual_dir. '
       'See docs/data.md.')
 
   def _source_description(self, dl_manager) -> str:
     return str(Path(dl_manager.manual_dir).resolve())
 
   def _split_generators(self, dl_manager):
-    folders = folder_pairs.find_splits(Path(dl_manager.manual_dir))
+    folders = folder_pairs.find_splits(Path(dl_manager.manual_dir),
+                                       self.report)
     paired = {split: folder_pairs.pair_files(images, masks, self.report)
               for split, (images, masks) in folders.items()}
     return {split: self._generate_examples(split, pairs)

@@ -156,3 +156,23 @@ def test_reference_and_scanline_agree_on_the_fixture_polygon():
   rasterize.fill_polygon(mask, polygon)
   np.testing.assert_array_equal(mask,
                                 reference_polygon_mask(polygon, 20, 28))
+
+
+def test_training_testing_folders_and_the_folders_left_out(tmp_path):
+  raw = tmp_path / 'raw'
+  written = simple_coco_export(raw, splits=('training', 'Valid', 'testing'))
+  (raw / 'README.dataset').mkdir()
+  (raw / '.git').mkdir()
+  builder = prepare('brain_tumor_coco', tmp_path / 'data', raw)
+  for folder, split in [('training', 'train'), ('Valid', 'validation'),
+                        ('testing', 'test')]:
+    stored = read_split(builder, split)
+    assert sorted(stored) == sorted(name for name, _, _ in written[folder])
+  report = base.load_report(builder)
+  assert report.ignored_folders == ['README.dataset/']
+  assert 'folders ignored (not a split, images or masks folder): ' \
+      'README.dataset/' in report.format()
+  # A report stored before the field existed still loads.
+  old = report.to_json()
+  del old['ignored_folders']
+  assert type(report).from_json(old).ignored_folders == []

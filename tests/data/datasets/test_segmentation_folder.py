@@ -121,3 +121,43 @@ def test_configs_follow_channels_and_classes():
   builder = tfds.builder('segmentation_folder', config='rgb_binary',
                          data_dir='/nonexistent')
   assert builder.info.features['image'].shape == (None, None, 3)
+
+
+def test_training_and_testing_folders_and_the_folders_left_out(tmp_path):
+  """Spellings as public datasets ship them; what is not read is listed."""
+  raw = tmp_path / 'raw'
+  for s, folder in enumerate(['Training', 'testing', 'validation']):
+    save(raw / folder / 'images' / f'{folder}.png', textured_image(s, 8, 8))
+    save(raw / folder / 'masks' / f'{folder}.png', _mask(s, 8, 8))
+  save(raw / 'Training' / 'overlays' / 'Training.png', textured_image(9, 8, 8))
+  (raw / 'extra' / 'more').mkdir(parents=True)
+  (raw / '.cache').mkdir()
+  builder = prepare('segmentation_folder', tmp_path / 'data', raw)
+  assert {s: builder.info.splits[s].num_examples for s in builder.info.splits} \
+      == {'train': 1, 'test': 1, 'validation': 1}
+  report = base.load_report(builder)  # as stored with the dataset
+  assert report.ignored_folders == ['Training/overlays/', 'extra/']
+  assert ('folders ignored (not a split, images or masks folder): '
+          'Training/overlays/, extra/') in report.format()
+
+
+def test_folders_left_out_of_the_kind_then_split_layout(tmp_path):
+  raw = tmp_path / 'raw'
+  for s, split in enumerate(['training', 'test']):
+    save(raw / 'images' / split / 'a.png', textured_image(s, 8, 8))
+    save(raw / 'masks' / split / 'a.png', _mask(s, 8, 8))
+  save(raw / 'masks' / 'old' / 'a.png', _mask(5, 8, 8))
+  (raw / 'docs').mkdir()
+  builder = prepare('segmentation_folder', tmp_path / 'data', raw)
+  assert sorted(builder.info.splits) == ['test', 'train']
+  assert base.load_report(builder).ignored_folders == ['docs/', 'masks/old/']
+
+
+def test_two_spellings_of_one_split_are_refused(tmp_path):
+  raw = tmp_path / 'raw'
+  for folder in ('train', 'training'):
+    save(raw / folder / 'images' / 'a.png', textured_image(0, 8, 8))
+    save(raw / folder / 'masks' / 'a.png', _mask(0, 8, 8))
+  with pytest.raises(DataError, match=r"both train/ and training/ would "
+                     r"become split 'train'"):
+    prepare('segmentation_folder', tmp_path / 'data', raw)

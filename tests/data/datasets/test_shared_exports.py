@@ -1,7 +1,7 @@
 """The real Roboflow exports in ../shared/data, prepared as published.
 
 Skipped when the folder is absent. The seed's full preparation takes about
-20-30 s on the 2-core machine, so it is not marked slow.
+20-30 s on the 2-core machine.
 """
 
 import json
