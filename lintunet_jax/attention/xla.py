@@ -105,7 +105,8 @@ class Schedule:
   """How `block_sparse_attention` executes on a backend (not what it computes).
 
   chunk_bytes: bytes of gathered key (or query) tiles one loop step may
-    touch; None runs each group as one batched op.
+    touch, for all batch elements and heads together (one step gathers its
+    rows for every one of them); None runs each group as one batched op.
   query_block: smallest query tile edge. Key tiles keep the caller's
     `block_size` (the granularity at which work is skipped); wider query
     tiles make the score matmuls less skinny and gather each key tile for
@@ -171,7 +172,15 @@ def current_schedule() -> Schedule:
   return result
 
 
-def _rows_per_chunk(rows: int, row_bytes: int, budget: int | None) -> int:
+def _rows_per_chunk(rows: int, row_bytes: int, budget: int | None,
+                    batch_heads: tuple[int, ...]) -> int:
+  """Rows per loop step so that one step gathers at most `budget` bytes.
+
+  `row_bytes` is what one row gathers for one (batch, head) pair; every
+  step gathers its rows for all of them, so the budget is divided by
+  batch x heads too (without it a batch of 32 gathered 32x the budget).
+  """
+  row_bytes *= int(np.prod(batch_heads))
   if budget is None or row_bytes == 0:
     return max(rows, 1)
   return max(1, min(rows, budget // row_bytes))
@@ -338,7 +347,8 @@ def _forward(plan: _Plan, q, k, v, global_kv):
                              preferred_element_type=jnp.float32)
       return out, p, pg
 
-    chunk = _rows_per_chunk(rows, width * bkv * dim * itemsize, plan.chunk_bytes)
+    chunk = _rows_per_chunk(rows, width * bkv * dim * itemsize, plan.chunk_bytes,
+                            batch_heads)
     out, p, pg = _chunked(body, (group.q_blocks, group.kv_blocks,
                                  group.tile_state), chunk, plan.lanes)
     outs.append(out)
@@ -393,7 +403,8 @@ def _backward(plan: _Plan, residuals, d_out):
                       preferred_element_type=jnp.float32) * plan.scale
       return dq, ds
 
-    chunk = _rows_per_chunk(rows, width * bkv * dim * itemsize, plan.chunk_bytes)
+    chunk = _rows_per_chunk(rows, width * bkv * dim * itemsize, plan.chunk_bytes,
+                            batch_heads)
     dq, ds = _chunked(body, (group.q_blocks, group.kv_blocks,
                              jnp.moveaxis(p, 2, 0)), chunk, plan.lanes)
     dqs.append(dq)
@@ -419,7 +430,8 @@ def _backward(plan: _Plan, residuals, d_out):
                       preferred_element_type=jnp.float32) * plan.scale
       return dk, dv
 
-    chunk = _rows_per_chunk(rows, width * bq * dim * itemsize, plan.chunk_bytes)
+    chunk = _rows_per_chunk(rows, width * bq * dim * itemsize, plan.chunk_bytes,
+                            batch_heads)
     dk, dv = _chunked(kv_body, (kv_group.q_blocks, kv_group.tile_index), chunk,
                       plan.lanes)
     dks.append(dk)
