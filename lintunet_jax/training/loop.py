@@ -305,6 +305,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   log_every = max(1, int(config.log_every_steps))
 
   # Model, optimizer and a fresh (replicated) train state.
+  config = checkpointing.keep_trained_decoder_concat(workdir, config)
   model = init_model(config.model, seed=config.seed,
                      bn_axis_name=parallel.DATA_AXIS)
   model_def, variables = split_model(model)
