@@ -50,6 +50,7 @@ import contextlib
 import dataclasses
 from typing import Optional
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -78,6 +79,35 @@ def _normalise(out: jax.Array, denom: jax.Array) -> jax.Array:
   return out / jnp.where(denom > 0, denom, 1.0)
 
 
+def check_arguments(q, k, v, global_kv: GlobalKV = None, *,
+                    same_length: bool = False) -> None:
+  """Shapes and dtypes at the kernels' public boundary (chex; at trace time).
+
+  q [B, H, n, D], k [B, H, m, D], v [B, H, m, Dv], floating point; global
+  keys/values [B, H, g, D] / [B, H, g, Dv]. `same_length`: m == n and
+  Dv == D (the block-sparse kernels tile q, k and v alike). A mismatch
+  raises an AssertionError naming the argument, not a shape error deep in
+  an einsum.
+  """
+  chex.assert_rank(q, 4, custom_message='q must be [batch, heads, tokens, dim]')
+  b, h, n, d = q.shape
+  chex.assert_shape(k, (b, h, n if same_length else None, d),
+                    custom_message=f'k must be [batch, heads, tokens, dim] = '
+                                   f'[{b}, {h}, {n if same_length else "m"}, {d}] like q')
+  chex.assert_shape(v, (b, h, k.shape[2], d if same_length else None),
+                    custom_message=f'v must be [batch, heads, tokens, dim] with the '
+                                   f'tokens of k ({k.shape[2]})')
+  chex.assert_type([q, k, v], float, custom_message='q, k, v must be floating point')
+  if global_kv is not None:
+    gk, gv = global_kv
+    chex.assert_shape(gk, (b, h, None, d), custom_message=(
+        f'global_kv[0] (keys) must be [batch, heads, summaries, dim] = [{b}, {h}, g, {d}]'))
+    chex.assert_shape(gv, (b, h, gk.shape[2], v.shape[3]), custom_message=(
+        'global_kv[1] (values) must be [batch, heads, summaries, dim] like the '
+        'keys, with the dim of v'))
+    chex.assert_type([gk, gv], float, custom_message='global_kv must be floating point')
+
+
 def _check_dropout(dropout: float, dropout_rng) -> bool:
   """Whether dropout applies; a rate without a key is a clear error."""
   if not 0.0 <= dropout < 1.0:
@@ -104,6 +134,7 @@ def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   dropout: rate on the probabilities [B, H, n, keys] (global keys last),
   drawn from `dropout_rng`.
   """
+  check_arguments(q, k, v, global_kv)
   drops = _check_dropout(dropout, dropout_rng)
   scale = q.shape[-1] ** -0.5
   scores = jnp.einsum('bhqd,bhkd->bhqk', q, k,
@@ -533,6 +564,7 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   in q, k, v and global_kv (reverse mode, by a custom VJP). `dropout` drops
   attention probabilities (module docstring); the XLA kernel only.
   """
+  check_arguments(q, k, v, global_kv, same_length=True)
   drops = _check_dropout(dropout, dropout_rng)
   n = q.shape[2]
   how = current_schedule()
