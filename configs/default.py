@@ -22,6 +22,11 @@ def get_model_config() -> ml_collections.ConfigDict:
   # 'float32' or 'bfloat16' compute; parameters always stay float32 and the
   # attention softmax is always computed in float32.
   model.dtype = 'float32'
+  # Channel order of each decoder level's concat: 'upsampled_skip', the seed
+  # notebook's torch.cat((upsampled, skip)). 'skip_upsampled' only for
+  # checkpoints trained so before issue 16 (their saved config lacks this
+  # field, which means the same; resuming them keeps it).
+  model.decoder_concat = 'upsampled_skip'
 
   attn = ml_collections.ConfigDict()
   # 'dense' | 'linformer' | 'block_sparse' | 'linformer_block_sparse'

@@ -117,11 +117,29 @@ def upsample_2x2(upconv: nnx.ConvTranspose, x: jax.Array) -> jax.Array:
   return y if bias is None else y + bias.astype(dtype)
 
 
+# The decoder's channel order: the seed notebook's UpsampleBlock (cell 39 of
+# LinTUnet.ipynb) concatenates (upsampled, skip). Workdirs trained by this
+# project before that was fixed (issue 16) used (skip, upsampled); their
+# saved configs have no `model.decoder_concat` and keep that order.
+UPSAMPLED_SKIP = 'upsampled_skip'
+SKIP_UPSAMPLED = 'skip_upsampled'
+CONCAT_ORDERS = (UPSAMPLED_SKIP, SKIP_UPSAMPLED)
+
+
 class Up(nnx.Module):
-  """Decoder level: 2x upsampling to half the channels, concat skip, convs."""
+  """Decoder level: 2x upsampling to half the channels, concat skip, convs.
+
+  `concat` orders the channels fed to double_conv: UPSAMPLED_SKIP, the
+  seed's, or SKIP_UPSAMPLED, only for checkpoints trained that way.
+  """
 
   def __init__(self, in_channels: int, out_channels: int, *, dtype=jnp.float32,
-               bn_axis_name: str | None = None, rngs: nnx.Rngs):
+               bn_axis_name: str | None = None, concat: str = UPSAMPLED_SKIP,
+               rngs: nnx.Rngs):
+    if concat not in CONCAT_ORDERS:
+      raise ValueError(f'model.decoder_concat must be one of {CONCAT_ORDERS}, '
+                       f'got {concat!r}')
+    self.concat = concat
     self.upconv = nnx.ConvTranspose(
         in_channels, in_channels // 2, kernel_size=(2, 2), strides=(2, 2),
         padding='VALID', dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
@@ -130,5 +148,6 @@ class Up(nnx.Module):
                                   rngs=rngs)
 
   def __call__(self, x: jax.Array, skip: jax.Array) -> jax.Array:
-    x = upsample_2x2(self.upconv, x)
-    return self.double_conv(jnp.concatenate([skip, x.astype(skip.dtype)], axis=-1))
+    x = upsample_2x2(self.upconv, x).astype(skip.dtype)
+    parts = [x, skip] if self.concat == UPSAMPLED_SKIP else [skip, x]
+    return self.double_conv(jnp.concatenate(parts, axis=-1))

@@ -41,19 +41,21 @@ class UNet(nnx.Module):
 
   def __init__(self, *, in_channels: int = 1, num_classes: int = 1,
                width: int = 64, dtype=jnp.float32,
-               bn_axis_name: str | None = None, rngs: nnx.Rngs):
+               bn_axis_name: str | None = None,
+               decoder_concat: str = layers.UPSAMPLED_SKIP, rngs: nnx.Rngs):
     w = width
     kw = dict(dtype=dtype, bn_axis_name=bn_axis_name, rngs=rngs)
+    up = dict(kw, concat=decoder_concat)
     self.num_classes = num_classes
     self.enc1 = layers.Down(in_channels, w, **kw)
     self.enc2 = layers.Down(w, 2 * w, **kw)
     self.enc3 = layers.Down(2 * w, 4 * w, **kw)
     self.enc4 = layers.Down(4 * w, 8 * w, **kw)
     self.bottleneck = layers.DoubleConv(8 * w, 16 * w, **kw)
-    self.dec4 = layers.Up(16 * w, 8 * w, **kw)
-    self.dec3 = layers.Up(8 * w, 4 * w, **kw)
-    self.dec2 = layers.Up(4 * w, 2 * w, **kw)
-    self.dec1 = layers.Up(2 * w, w, **kw)
+    self.dec4 = layers.Up(16 * w, 8 * w, **up)
+    self.dec3 = layers.Up(8 * w, 4 * w, **up)
+    self.dec2 = layers.Up(4 * w, 2 * w, **up)
+    self.dec1 = layers.Up(2 * w, w, **up)
     self.final_conv = nnx.Conv(w, num_classes, kernel_size=(1, 1), dtype=dtype,
                                param_dtype=jnp.float32, rngs=rngs)
     self.dtype = dtype
@@ -83,10 +85,11 @@ class LinTUNet(UNet):
   def __init__(self, *, in_channels: int = 1, num_classes: int = 1,
                width: int = 64, dtype=jnp.float32,
                bn_axis_name: str | None = None,
+               decoder_concat: str = layers.UPSAMPLED_SKIP,
                attention: ml_collections.ConfigDict, rngs: nnx.Rngs):
     super().__init__(in_channels=in_channels, num_classes=num_classes,
                      width=width, dtype=dtype, bn_axis_name=bn_axis_name,
-                     rngs=rngs)
+                     decoder_concat=decoder_concat, rngs=rngs)
     pattern = None
     if attention.kind in ('block_sparse', 'linformer_block_sparse'):
       pattern = masks_lib.parse_pattern(attention.pattern)
@@ -112,12 +115,23 @@ def _check_spatial(x: jax.Array) -> None:
         f'dataset.image_size (the input pipeline resizes or pads to it)')
 
 
+def decoder_concat(model_config: ml_collections.ConfigDict) -> str:
+  """The decoder's concat order a model config means.
+
+  A config without `decoder_concat` was saved by a workdir trained before
+  the field existed (issue 16), with the old (skip, upsampled) order: it
+  keeps that order, so its checkpoints compute what they were trained to.
+  """
+  return model_config.get('decoder_concat', layers.SKIP_UPSAMPLED)
+
+
 def create_model(model_config: ml_collections.ConfigDict, *, seed: int = 0,
                  bn_axis_name: str | None = None) -> UNet:
   """Builds the configured model with freshly initialised parameters."""
   kw = dict(in_channels=model_config.in_channels,
             num_classes=model_config.num_classes, width=model_config.width,
             dtype=_dtype(model_config.dtype), bn_axis_name=bn_axis_name,
+            decoder_concat=decoder_concat(model_config),
             rngs=nnx.Rngs(params=seed, dropout=seed + 1))
   if model_config.name == 'unet':
     return UNet(**kw)

@@ -1,7 +1,8 @@
 """The package's parts and which may import which, read from the source.
 
   attention/   masks, tile layout, kernels, bottleneck: imports only itself,
-               JAX, Flax, NumPy and the standard library
+               JAX, Flax, NumPy, chex (the kernels' argument checks; pinned
+               in requirements.txt) and the standard library
   data/        TFDS builders, input pipeline, image reader: nothing of the model
   metrics      split-level metrics, shared by training and evaluation
   models       layers.py and models.py: build on attention/
@@ -44,7 +45,7 @@ ALLOWED = {  # part -> the parts it may import (itself included)
     'evaluation': {'evaluation', 'training', 'models', 'attention', 'data', 'metrics'},
     'entry': {'entry', 'evaluation', 'training', 'models', 'attention', 'data', 'metrics'},
 }
-ATTENTION_THIRD_PARTY = {'jax', 'flax', 'numpy'}
+ATTENTION_THIRD_PARTY = {'jax', 'flax', 'numpy', 'chex'}
 
 
 def _module_name(path: pathlib.Path) -> str:
@@ -120,7 +121,7 @@ def test_imports_point_down(module):
                      f'it imports: {wrong}')
 
 
-def test_attention_imports_only_jax_flax_numpy_and_the_standard_library():
+def test_attention_imports_only_jax_flax_numpy_chex_and_the_standard_library():
   allowed = ATTENTION_THIRD_PARTY | set(sys.stdlib_module_names) | {'__future__'}
   wrong = []
   for module in MODULES:

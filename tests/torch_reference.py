@@ -1,20 +1,33 @@
 """PyTorch reference of the seed's U-Net and LinTUNet (test-only).
 
-Written from the model issue's topology, with the seed's module names so
-that `state_dict()` has exactly the keys of the seed notebook's checkpoints:
+The seed notebook's classes (tests/seed_notebook.py, copied verbatim from
+LinTUnet.ipynb) with their sizes made arguments, so that the parity tests
+can also run small widths, several heads and layers. Module names are the
+notebook's, so `state_dict()` has exactly the keys of its checkpoints.
+Checked line by line against the notebook (cell numbers as in
+tests/seed_notebook.py):
 
-  DoubleConv  conv1 (3x3, pad 1, bias) -> ReLU -> conv2 -> ReLU -> norm (BN)
-  Down        double_conv, then a 2x2 max-pool; returns (skip, pooled)
-  Up          upconv (ConvTranspose2d k2 s2, halving channels),
-              concat [skip, upsampled] on channels, double_conv
-  UNet        enc1..enc4 (w, 2w, 4w, 8w), bottleneck 8w -> 16w,
+  DoubleConv  [35] DoubleConvBlock: conv1 (3x3, pad 1, bias) -> ReLU ->
+              conv2 -> ReLU -> norm (BN). The notebook also builds a
+              Dropout2d(0.3) that its forward never calls (no parameters).
+  Down        [37] DownsampleBlock: double_conv, then a 2x2/2 max-pool;
+              returns (skip, pooled)
+  Up          [39] UpsampleBlock: upconv (ConvTranspose2d k2 s2, in ->
+              out = in / 2 channels), torch.cat((upsampled, skip), dim=1),
+              double_conv (in -> out)
+  UNet        [41] enc1..enc4 (w, 2w, 4w, 8w), bottleneck 8w -> 16w,
               dec4..dec1, final_conv (1x1)
-  LinTUNet    + attention.linformer = linformer.Linformer(dim=8w, ...) over
-              the pooled level-4 features flattened row-major
-              (NCHW -> (B, HW, C)), applied before the bottleneck
+  LinTUNet    [72] + attention.linformer = linformer.Linformer(dim=8w,
+              seq_len, depth, heads, k) over the pooled level-4 features
+              flattened row-major (p4.flatten(2).transpose(1, 2)), back with
+              .transpose(1, 2).view(b, c, h, w), before the bottleneck
+
+tests/test_convert_torch.py checks that at the seed's sizes this and the
+notebook's own classes compute the same function from the same state dict.
 
 Imports torch and the `linformer` package, the test-only dependencies
-(requirements-torch.txt); callers `pytest.importorskip` both first.
+(requirements-torch.txt); callers import them first (tests/test_convert_torch.py:
+`_require`).
 """
 
 from __future__ import annotations
@@ -54,13 +67,13 @@ class Up(nn.Module):
 
   def __init__(self, in_channels: int, out_channels: int):
     super().__init__()
-    self.upconv = nn.ConvTranspose2d(in_channels, in_channels // 2,
+    self.upconv = nn.ConvTranspose2d(in_channels, out_channels,
                                      kernel_size=2, stride=2)
-    self.double_conv = DoubleConv(in_channels // 2 + out_channels, out_channels)
+    self.double_conv = DoubleConv(in_channels, out_channels)
 
   def forward(self, x, skip):
     x = self.upconv(x)
-    return self.double_conv(torch.cat([skip, x], dim=1))
+    return self.double_conv(torch.cat((x, skip), dim=1))  # notebook cell [39]
 
 
 class LinformerAttention(nn.Module):
@@ -75,7 +88,7 @@ class LinformerAttention(nn.Module):
     b, c, h, w = x.shape
     tokens = x.flatten(2).transpose(1, 2)  # (B, HW, C)
     tokens = self.linformer(tokens)
-    return tokens.transpose(1, 2).reshape(b, c, h, w)
+    return tokens.transpose(1, 2).view(b, c, h, w)
 
 
 class UNet(nn.Module):

@@ -3,7 +3,10 @@
 Mirrors the seed's `linformer.Linformer` (lucidrains' package) block for
 block: pre-LayerNorm attention and feed-forward with residuals, exact GELU,
 LayerNorm epsilon 1e-5, Linformer projections `proj_k` / `proj_v` of shape
-[seq_len, k] initialised U(+-1/sqrt(k)), no final norm. With
+[seq_len, k] initialised U(+-1/sqrt(k)), no final norm, and dropout where
+the package puts it: on the attention probabilities (inside the kernels,
+for every kind) and after the feed-forward's GELU, none on the residual
+branches. With
 kind='linformer' and the seed's sizes it has the seed's parameter count, and
 `convert_torch` maps the seed's weights one to one.
 
@@ -48,7 +51,8 @@ class EfficientSelfAttention(nnx.Module):
                heads: int = 1, dim_head: int | None = None, seq_len: int = 256,
                k: int = 64, share_kv: bool = False,
                pattern: masks_lib.Mask | None = None, block_size: int = 16,
-               kernel: str = 'auto', dtype=jnp.float32, rngs: nnx.Rngs):
+               kernel: str = 'auto', dropout: float = 0.0, dtype=jnp.float32,
+               rngs: nnx.Rngs):
     if kind not in KINDS:
       raise ValueError(f'attention kind {kind!r} is not one of {KINDS}')
     if _uses_pattern(kind) and pattern is None:
@@ -71,6 +75,14 @@ class EfficientSelfAttention(nnx.Module):
         self.proj_v = nnx.Param(_projection_init(rngs.params(), (seq_len, k)))
     self.to_out = nnx.Linear(inner, dim, dtype=dtype, param_dtype=jnp.float32,
                              rngs=rngs)
+    # Holds the rate, the train/eval switch (model.train()/eval()) and the
+    # RNG stream of the kernels' dropout on attention probabilities.
+    self.dropout = nnx.Dropout(dropout, rngs=rngs)
+
+  def _dropout_args(self) -> dict:
+    if not self.dropout.rate or self.dropout.deterministic:
+      return {}
+    return dict(dropout=self.dropout.rate, dropout_rng=self.dropout.rngs())
 
   def _split_heads(self, x: jax.Array) -> jax.Array:
     b, n, _ = x.shape
@@ -98,17 +110,18 @@ class EfficientSelfAttention(nnx.Module):
     q = self._split_heads(self.to_q(x))
     global_kv = (self._linformer_summaries(keys, values)
                  if _uses_linformer(self.kind) else None)
+    drop = self._dropout_args()
     if self.kind == 'dense':
       out = attention_kernels.dense_attention(
-          q, self._split_heads(keys), self._split_heads(values))
+          q, self._split_heads(keys), self._split_heads(values), **drop)
     elif self.kind == 'linformer':
-      out = attention_kernels.dense_attention(q, *global_kv)
+      out = attention_kernels.dense_attention(q, *global_kv, **drop)
     else:
       with attention_kernels.schedule(kernel=self.kernel):
         out = attention_kernels.block_sparse_attention(
             q, self._split_heads(keys), self._split_heads(values),
             mask=masks_lib.bind_grid(self.pattern, grid_width),
-            block_size=self.block_size, global_kv=global_kv)
+            block_size=self.block_size, global_kv=global_kv, **drop)
     b, _, n, _ = out.shape
     out = out.transpose(0, 2, 1, 3).reshape(b, n, self.heads * self.dim_head)
     return self.to_out(out)
@@ -136,15 +149,14 @@ class TransformerLayer(nnx.Module):
     norm = dict(epsilon=LAYER_NORM_EPSILON, dtype=jnp.float32,
                 param_dtype=jnp.float32, rngs=rngs)
     self.attn_norm = nnx.LayerNorm(dim, **norm)
-    self.attn = EfficientSelfAttention(dim, dtype=dtype, rngs=rngs,
-                                       **attention_kwargs)
-    self.attn_dropout = nnx.Dropout(dropout, rngs=rngs)
+    self.attn = EfficientSelfAttention(dim, dropout=dropout, dtype=dtype,
+                                       rngs=rngs, **attention_kwargs)
     self.ff_norm = nnx.LayerNorm(dim, **norm)
     self.ff = FeedForward(dim, mult=ff_mult, dropout=dropout, dtype=dtype,
                           rngs=rngs)
 
   def __call__(self, x: jax.Array, grid_width: int) -> jax.Array:
-    x = x + self.attn_dropout(self.attn(self.attn_norm(x), grid_width))
+    x = x + self.attn(self.attn_norm(x), grid_width)
     return x + self.ff(self.ff_norm(x))
 
 

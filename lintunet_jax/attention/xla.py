@@ -11,6 +11,11 @@ Both accept `global_kv`: extra keys/values every query sees (Linformer's k
 projected summaries). They enter the SAME softmax as the masked keys, which
 is the union of global and local attention of the Long-Short Transformer.
 
+Both take `dropout` and `dropout_rng`: dropout on the attention
+probabilities (after the softmax, before they weight the values), where
+lucidrains' `linformer` package, the seed's, applies it. The normaliser is
+that of the undropped probabilities, as in `torch.nn.Dropout(softmax(.))`.
+
 Softmax runs in float32 whatever the input dtype. A query that may see no
 key at all (possible with sparse patterns and no global keys) gets an
 all-zero output and zero gradients, never NaN: its normaliser is zero, and
@@ -46,6 +51,7 @@ import contextlib
 import dataclasses
 from typing import Optional
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -74,13 +80,63 @@ def _normalise(out: jax.Array, denom: jax.Array) -> jax.Array:
   return out / jnp.where(denom > 0, denom, 1.0)
 
 
+def check_arguments(q, k, v, global_kv: GlobalKV = None, *,
+                    same_length: bool = False) -> None:
+  """Shapes and dtypes at the kernels' public boundary (chex; at trace time).
+
+  q [B, H, n, D], k [B, H, m, D], v [B, H, m, Dv], floating point; global
+  keys/values [B, H, g, D] / [B, H, g, Dv]. `same_length`: m == n and
+  Dv == D (the block-sparse kernels tile q, k and v alike). A mismatch
+  raises an AssertionError naming the argument, not a shape error deep in
+  an einsum.
+  """
+  chex.assert_rank(q, 4, custom_message='q must be [batch, heads, tokens, dim]')
+  b, h, n, d = q.shape
+  chex.assert_shape(k, (b, h, n if same_length else None, d),
+                    custom_message=f'k must be [batch, heads, tokens, dim] = '
+                                   f'[{b}, {h}, {n if same_length else "m"}, {d}] like q')
+  chex.assert_shape(v, (b, h, k.shape[2], d if same_length else None),
+                    custom_message=f'v must be [batch, heads, tokens, dim] with the '
+                                   f'tokens of k ({k.shape[2]})')
+  chex.assert_type([q, k, v], float, custom_message='q, k, v must be floating point')
+  if global_kv is not None:
+    gk, gv = global_kv
+    chex.assert_shape(gk, (b, h, None, d), custom_message=(
+        f'global_kv[0] (keys) must be [batch, heads, summaries, dim] = [{b}, {h}, g, {d}]'))
+    chex.assert_shape(gv, (b, h, gk.shape[2], v.shape[3]), custom_message=(
+        'global_kv[1] (values) must be [batch, heads, summaries, dim] like the '
+        'keys, with the dim of v'))
+    chex.assert_type([gk, gv], float, custom_message='global_kv must be floating point')
+
+
+def _check_dropout(dropout: float, dropout_rng) -> bool:
+  """Whether dropout applies; a rate without a key is a clear error."""
+  if not 0.0 <= dropout < 1.0:
+    raise ValueError(f'attention dropout must be in [0, 1), got {dropout}')
+  if dropout and dropout_rng is None:
+    raise ValueError('attention dropout > 0 needs a dropout_rng')
+  return bool(dropout)
+
+
+def _drop(p: jax.Array, keep: jax.Array | None, dropout: float) -> jax.Array:
+  """Inverted dropout of probabilities `p` with a given keep mask."""
+  if keep is None:
+    return p
+  return jnp.where(keep, p * (1.0 / (1.0 - dropout)), 0.0)
+
+
 def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                     mask: jax.Array | None = None,
-                    global_kv: GlobalKV = None) -> jax.Array:
-  """softmax(q k^T / sqrt(d)) v over all keys allowed by a boolean mask.
+                    global_kv: GlobalKV = None, dropout: float = 0.0,
+                    dropout_rng: jax.Array | None = None) -> jax.Array:
+  """dropout(softmax(q k^T / sqrt(d))) v over all keys a boolean mask allows.
 
   q, k, v: [B, H, n, D]; mask: bool [n, n] (query, key) or None for all.
+  dropout: rate on the probabilities [B, H, n, keys] (global keys last),
+  drawn from `dropout_rng`.
   """
+  check_arguments(q, k, v, global_kv)
+  drops = _check_dropout(dropout, dropout_rng)
   scale = q.shape[-1] ** -0.5
   scores = jnp.einsum('bhqd,bhkd->bhqk', q, k,
                       preferred_element_type=jnp.float32) * scale
@@ -96,6 +152,9 @@ def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
           [allowed, jnp.ones(allowed.shape[:-1] + (gk.shape[-2],), bool)], -1)
     values = jnp.concatenate([v, gv], axis=-2)
   weights, denom = _masked_softmax_weights(scores, allowed)
+  if drops:
+    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout, weights.shape)
+    weights = _drop(weights, keep, dropout)
   out = jnp.einsum('bhqk,bhkd->bhqd', weights.astype(v.dtype), values,
                    preferred_element_type=jnp.float32)
   return _normalise(out, denom).astype(q.dtype)
@@ -106,7 +165,8 @@ class Schedule:
   """How `block_sparse_attention` executes on a backend (not what it computes).
 
   chunk_bytes: bytes of gathered key (or query) tiles one loop step may
-    touch; None runs each group as one batched op.
+    touch, for all batch elements and heads together (one step gathers its
+    rows for every one of them); None runs each group as one batched op.
   query_block: smallest query tile edge. Key tiles keep the caller's
     `block_size` (the granularity at which work is skipped); wider query
     tiles make the score matmuls less skinny and gather each key tile for
@@ -165,7 +225,7 @@ def check_kernel(kernel: str) -> None:
 
 
 def resolve_kernel(kernel: str, layout: layout_lib.BlockLayout,
-                   backend: str | None = None) -> str:
+                   backend: str | None = None, dropout: bool = False) -> str:
   """'auto' -> the kernel measured faster for this backend and layout.
 
   On an H200 the fused Pallas kernels were correct (f32 and bf16, output and
@@ -173,11 +233,13 @@ def resolve_kernel(kernel: str, layout: layout_lib.BlockLayout,
   slower (benchmarks/NOTES.md item 21), so 'auto' picks them on GPUs when
   the layout suits them: power-of-two tiles of at least 16 (the Triton
   lowering's smallest dot edge) and equal padded query and key lengths.
-  Everywhere else it picks 'xla', the only kernel that compiles there.
-  'xla' and 'pallas' are returned as they are.
+  Everywhere else, and with attention dropout (which only the XLA kernel
+  implements), it picks 'xla'. 'xla' and 'pallas' are returned as they are.
   """
   if kernel != 'auto':
     return kernel
+  if dropout:
+    return 'xla'
   backend = backend or jax.default_backend()
   from lintunet_jax.attention import pallas as pallas_attention  # pylint: disable=g-import-not-at-top
   bq, bkv = layout.block_q, layout.block_kv
@@ -224,7 +286,15 @@ def current_schedule() -> Schedule:
   return result
 
 
-def _rows_per_chunk(rows: int, row_bytes: int, budget: int | None) -> int:
+def _rows_per_chunk(rows: int, row_bytes: int, budget: int | None,
+                    batch_heads: tuple[int, ...]) -> int:
+  """Rows per loop step so that one step gathers at most `budget` bytes.
+
+  `row_bytes` is what one row gathers for one (batch, head) pair; every
+  step gathers its rows for all of them, so the budget is divided by
+  batch x heads too (without it a batch of 32 gathered 32x the budget).
+  """
+  row_bytes *= int(np.prod(batch_heads))
   if budget is None or row_bytes == 0:
     return max(rows, 1)
   return max(1, min(rows, budget // row_bytes))
@@ -314,6 +384,7 @@ class _Plan:
   scale: float
   chunk_bytes: int | None
   lanes: int = 1
+  dropout: float = 0.0
 
 
 def _allowed(plan: _Plan, q_blocks, kv_blocks, state):
@@ -344,8 +415,12 @@ def _allowed(plan: _Plan, q_blocks, kv_blocks, state):
 # big gathered operand on the right in its natural [contracting, free] form.
 
 
-def _forward(plan: _Plan, q, k, v, global_kv):
-  """Returns (output [B,H,n,D], residuals for `_backward`)."""
+def _forward(plan: _Plan, q, k, v, global_kv, dropout_rng=None):
+  """Returns (output [B,H,n,D], residuals for `_backward`).
+
+  With dropout, each query-block row draws its keep masks from its own key
+  (the group's key split per row), so they do not depend on the chunking.
+  """
   layout = plan.layout
   n, bq, bkv = layout.seq_len, layout.block_q, layout.block_kv
   q_len, kv_len = layout.padded_len, layout.tiles.shape[1] * bkv
@@ -354,12 +429,20 @@ def _forward(plan: _Plan, q, k, v, global_kv):
   gk, gv = global_kv if global_kv is not None else (None, None)
   batch_heads, dim = qb.shape[:2], qb.shape[-1]
   itemsize = jnp.dtype(k.dtype).itemsize
-  outs, weights, global_weights = [], [], []
-  for group in layout.groups:
+  outs, weights, global_weights, keeps, global_keeps = [], [], [], [], []
+  for index, group in enumerate(layout.groups):
     rows, width = group.kv_blocks.shape
+    row_keys = (None if dropout_rng is None else
+                jax.random.split(jax.random.fold_in(dropout_rng, index), rows))
+
+    def keep_masks(keys, shape):
+      """bool [B, H, G, *shape]: one draw per row key."""
+      draw = lambda key: jax.random.bernoulli(
+          key, 1.0 - plan.dropout, batch_heads + shape)
+      return jnp.moveaxis(jax.vmap(draw)(keys), 0, 2)
 
     def body(xs, width=width):
-      q_blocks, kv_blocks, state = xs
+      q_blocks, kv_blocks, state, keys = xs
       qg = qb[:, :, q_blocks]  # [B,H,G,bq,D]
       kg = _take_blocks(kb, kv_blocks)  # [B,H,G,R,bkv,D]
       vg = _take_blocks(vb, kv_blocks)
@@ -381,28 +464,44 @@ def _forward(plan: _Plan, q, k, v, global_kv):
         denom = denom + jnp.sum(pg, axis=-2, keepdims=True)
       inv = 1.0 / jnp.where(denom > 0, denom, 1.0)
       p = p * inv  # [B,H,G,R*bkv,bq], normalised
+      keep = keep_g = None
+      if keys is not None:
+        local_keys, global_keys = jnp.moveaxis(jax.vmap(jax.random.split)(keys), 1, 0)
+        keep = keep_masks(local_keys, (width * bkv, bq))
+        if gk is not None:
+          keep_g = keep_masks(global_keys, (gk.shape[2], bq))
       values = vg.reshape(vg.shape[:3] + (width * bkv, dim))
-      out = jnp.einsum('bhgkq,bhgkd->bhgqd', p.astype(v.dtype), values,
+      out = jnp.einsum('bhgkq,bhgkd->bhgqd',
+                       _drop(p, keep, plan.dropout).astype(v.dtype), values,
                        preferred_element_type=jnp.float32)
       if gk is None:
-        return out, p, None
+        return out, p, None, keep, None
       pg = pg * inv
-      out = out + jnp.einsum('bhgkq,bhkd->bhgqd', pg.astype(gv.dtype), gv,
+      out = out + jnp.einsum('bhgkq,bhkd->bhgqd',
+                             _drop(pg, keep_g, plan.dropout).astype(gv.dtype), gv,
                              preferred_element_type=jnp.float32)
-      return out, p, pg
+      return out, p, pg, keep, keep_g
 
-    chunk = _rows_per_chunk(rows, width * bkv * dim * itemsize, plan.chunk_bytes)
-    out, p, pg = _chunked(body, (group.q_blocks, group.kv_blocks,
-                                 group.tile_state), chunk, plan.lanes)
+    chunk = _rows_per_chunk(rows, width * bkv * dim * itemsize, plan.chunk_bytes,
+                            batch_heads)
+    out, p, pg, keep, keep_g = _chunked(body, (group.q_blocks, group.kv_blocks,
+                                               group.tile_state, row_keys),
+                                        chunk, plan.lanes)
     outs.append(out)
     weights.append(p)
     global_weights.append(pg)
+    keeps.append(keep)
+    global_keeps.append(keep_g)
   q_blocks = [g.q_blocks for g in layout.groups]
   out = _in_block_order(outs, q_blocks)  # f32 [B,H,nq,bq,D]
-  global_p = (None if gk is None else  # [B,H,nq,kg,bq]
-              _in_block_order(global_weights, q_blocks))
+  global_p = global_keep = None
+  if gk is not None:  # [B,H,nq,kg,bq]
+    global_p = _in_block_order(global_weights, q_blocks)
+    if dropout_rng is not None:
+      global_keep = _in_block_order(global_keeps, q_blocks)
   result = out.reshape(batch_heads + (q_len, dim))[:, :, :n].astype(q.dtype)
-  residuals = (qb, kb, vb, gk, gv, out, tuple(weights), global_p)
+  residuals = (qb, kb, vb, gk, gv, out, tuple(weights), global_p,
+               tuple(keeps), global_keep)
   return result, residuals
 
 
@@ -417,44 +516,50 @@ def _backward(plan: _Plan, residuals, d_out):
   layout = plan.layout
   n, bq, bkv = layout.seq_len, layout.block_q, layout.block_kv
   q_len, kv_len = layout.padded_len, layout.tiles.shape[1] * bkv
-  qb, kb, vb, gk, gv, out, weights, global_p = residuals
+  qb, kb, vb, gk, gv, out, weights, global_p, keeps, global_keep = residuals
   batch_heads, dim = qb.shape[:2], qb.shape[-1]
   itemsize = jnp.dtype(kb.dtype).itemsize
   dob = _to_blocks(d_out, q_len, bq)  # [B,H,nq,bq,D]
-  # delta_i = sum_j P_ij dP_ij = rowsum(dO_i * O_i), FlashAttention's D.
+  # delta_i = sum_j P_ij dP_ij = rowsum(dO_i * O_i), FlashAttention's D (also
+  # with dropout, O being the dropped output and dP the gradient of the
+  # undropped probabilities).
   # (An einsum, not sum(a * b): XLA:CPU hands the latter to YNNPACK's reduce,
   # which ran 30x slower than this dot; benchmarks/NOTES.md.)
   delta = jnp.einsum('bhiqd,bhiqd->bhiq', dob.astype(jnp.float32), out)  # [B,H,nq,bq]
 
   # Query-major pass: dS of every tile and the local part of dQ.
   dqs, dss = [], []
-  for group, p in zip(layout.groups, weights):
+  for group, p, keep in zip(layout.groups, weights, keeps):
     rows, width = group.kv_blocks.shape
 
     def body(xs, width=width):
-      q_blocks, kv_blocks, p = xs
+      q_blocks, kv_blocks, p, keep = xs
       p = jnp.moveaxis(p, 0, 2)  # scanned rows come first
+      keep = None if keep is None else jnp.moveaxis(keep, 0, 2)
       dog = dob[:, :, q_blocks]
       vg = _take_blocks(vb, kv_blocks)
       kg = _take_blocks(kb, kv_blocks)
       dp = jnp.einsum('bhgrkd,bhgqd->bhgrkq', vg, dog,
                       preferred_element_type=jnp.float32)
-      dp = dp.reshape(dp.shape[:3] + (width * bkv, bq))
+      dp = _drop(dp.reshape(dp.shape[:3] + (width * bkv, bq)), keep, plan.dropout)
       ds = p * (dp - delta[:, :, q_blocks][:, :, :, None, :])
       keys = kg.reshape(kg.shape[:3] + (width * bkv, dim))
       dq = jnp.einsum('bhgkq,bhgkd->bhgqd', ds.astype(kb.dtype), keys,
                       preferred_element_type=jnp.float32) * plan.scale
       return dq, ds
 
-    chunk = _rows_per_chunk(rows, width * bkv * dim * itemsize, plan.chunk_bytes)
-    dq, ds = _chunked(body, (group.q_blocks, group.kv_blocks,
-                             jnp.moveaxis(p, 2, 0)), chunk, plan.lanes)
+    chunk = _rows_per_chunk(rows, width * bkv * dim * itemsize, plan.chunk_bytes,
+                            batch_heads)
+    rows_first = lambda x: None if x is None else jnp.moveaxis(x, 2, 0)
+    dq, ds = _chunked(body, (group.q_blocks, group.kv_blocks, rows_first(p),
+                             rows_first(keep)), chunk, plan.lanes)
     dqs.append(dq)
     dss.append(ds)
   dq = _in_block_order(dqs, [g.q_blocks for g in layout.groups])
 
   # Key-major pass: each key block gathers the query blocks that see it.
-  p_flat = _flat_tiles(weights, batch_heads, bkv, bq)
+  p_flat = _flat_tiles([_drop(p, keep, plan.dropout)  # dV takes the dropped P
+                        for p, keep in zip(weights, keeps)], batch_heads, bkv, bq)
   ds_flat = _flat_tiles(dss, batch_heads, bkv, bq)
   dks, dvs = [], []
   for kv_group in layout.kv_groups:
@@ -472,7 +577,8 @@ def _backward(plan: _Plan, residuals, d_out):
                       preferred_element_type=jnp.float32) * plan.scale
       return dk, dv
 
-    chunk = _rows_per_chunk(rows, width * bq * dim * itemsize, plan.chunk_bytes)
+    chunk = _rows_per_chunk(rows, width * bq * dim * itemsize, plan.chunk_bytes,
+                            batch_heads)
     dk, dv = _chunked(kv_body, (kv_group.q_blocks, kv_group.tile_index), chunk,
                       plan.lanes)
     dks.append(dk)
@@ -484,12 +590,14 @@ def _backward(plan: _Plan, residuals, d_out):
   d_global = None
   if gk is not None:  # the global keys: plain dense maths over all queries
     dpg = jnp.einsum('bhkd,bhiqd->bhikq', gv, dob, preferred_element_type=jnp.float32)
+    dpg = _drop(dpg, global_keep, plan.dropout)
     dsg = global_p * (dpg - delta[:, :, :, None, :])
     dq = dq + jnp.einsum('bhikq,bhkd->bhiqd', dsg.astype(gk.dtype), gk,
                          preferred_element_type=jnp.float32) * plan.scale
     dgk = jnp.einsum('bhikq,bhiqd->bhkd', dsg.astype(qb.dtype), qb,
                      preferred_element_type=jnp.float32) * plan.scale
-    dgv = jnp.einsum('bhikq,bhiqd->bhkd', global_p.astype(dob.dtype), dob,
+    dgv = jnp.einsum('bhikq,bhiqd->bhkd',
+                     _drop(global_p, global_keep, plan.dropout).astype(dob.dtype), dob,
                      preferred_element_type=jnp.float32)
     d_global = (dgk.astype(gk.dtype), dgv.astype(gv.dtype))
 
@@ -502,20 +610,29 @@ def _backward(plan: _Plan, residuals, d_out):
 
 def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                            mask: masks_lib.Mask, block_size: int,
-                           global_kv: GlobalKV = None) -> jax.Array:
+                           global_kv: GlobalKV = None, dropout: float = 0.0,
+                           dropout_rng: jax.Array | None = None) -> jax.Array:
   """Attention restricted to `mask`, computing only non-empty tiles.
 
   q, k, v: [B, H, n, D]. The layout is derived from `mask` at trace time
   (cached), so `mask` must be a `masks.Mask`, not an array. Differentiable
-  in q, k, v and global_kv (reverse mode, by a custom VJP).
+  in q, k, v and global_kv (reverse mode, by a custom VJP). `dropout` drops
+  attention probabilities (module docstring); the XLA kernel only.
   """
+  check_arguments(q, k, v, global_kv, same_length=True)
+  drops = _check_dropout(dropout, dropout_rng)
   n = q.shape[2]
   how = current_schedule()
   block = min(block_size, n)
   query_block = min(max(block, how.query_block), n)
   layout = layout_lib.block_layout(mask, n, query_block, block)
   scale = q.shape[-1] ** -0.5
-  if resolve_kernel(how.kernel, layout) == 'pallas':
+  kernel = resolve_kernel(how.kernel, layout, dropout=bool(drops))
+  if kernel == 'pallas':
+    if drops:
+      raise ValueError(
+          "attention dropout > 0 is implemented by the 'xla' kernel only; "
+          "train with model.attention.kernel='xla' (or 'auto') or dropout=0")
     from lintunet_jax.attention import pallas as pallas_attention  # pylint: disable=g-import-not-at-top
     interpret = how.pallas_interpret
     if interpret is None:
@@ -524,17 +641,19 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     return pallas_attention.block_sparse_attention(
         q, k, v, layout=layout, mask=mask, scale=scale, global_kv=global_kv,
         interpret=interpret)
-  plan = _Plan(layout, mask, scale, how.chunk_bytes, how.lanes)
+  plan = _Plan(layout, mask, scale, how.chunk_bytes, how.lanes,
+               dropout if drops else 0.0)
+  rng = dropout_rng if drops else None
 
   @jax.custom_vjp
-  def attend(q, k, v, global_kv):
-    return _forward(plan, q, k, v, global_kv)[0]
+  def attend(q, k, v, global_kv, rng):
+    return _forward(plan, q, k, v, global_kv, rng)[0]
 
-  def attend_fwd(q, k, v, global_kv):
-    return _forward(plan, q, k, v, global_kv)
+  def attend_fwd(q, k, v, global_kv, rng):
+    return _forward(plan, q, k, v, global_kv, rng)
 
   def attend_bwd(residuals, d_out):
-    return _backward(plan, residuals, d_out)
+    return _backward(plan, residuals, d_out) + (None,)
 
   attend.defvjp(attend_fwd, attend_bwd)
-  return attend(q, k, v, global_kv)
+  return attend(q, k, v, global_kv, rng)

@@ -31,6 +31,7 @@ latest_resumable_step.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -45,6 +46,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp_lib
 
+from lintunet_jax import models
 from lintunet_jax.training import state as train_state_lib
 
 CONFIG_FILE = 'config.json'
@@ -407,6 +409,36 @@ def _checkpoint_config(workdir: str, step: int) -> ml_collections.ConfigDict | N
     except (OSError, json.JSONDecodeError):
       continue
   return None
+
+
+def keep_trained_decoder_concat(workdir: str | os.PathLike,
+                                config: ml_collections.ConfigDict
+                                ) -> ml_collections.ConfigDict:
+  """`config`, its `model.decoder_concat` set to that of DIR's checkpoints.
+
+  Resuming or fine-tuning must go on with the network the checkpoints were
+  trained as: the two concat orders have the same parameter shapes, so a
+  mismatch would load without error and compute something else. Workdirs
+  trained before the field existed (issue 16) keep their (skip, upsampled)
+  order this way. A DIR without checkpoints leaves `config` as it is.
+  """
+  workdir = os.fspath(workdir)
+  steps = list_checkpoints(workdir)
+  if not steps:
+    return config
+  saved = _checkpoint_config(workdir, steps[-1])
+  if saved is None and os.path.exists(os.path.join(workdir, CONFIG_FILE)):
+    saved = load_config(workdir)
+  if saved is None or 'model' not in saved:
+    return config
+  trained = models.decoder_concat(saved.model)
+  if trained != config.model.get('decoder_concat'):
+    logging.warning('%s: its checkpoints were trained with '
+                    "model.decoder_concat='%s'; keeping it", workdir, trained)
+    config = copy.deepcopy(config)
+    with config.unlocked():
+      config.model.decoder_concat = trained
+  return config
 
 
 def restore_model(workdir: str | os.PathLike, checkpoint: str | int = 'latest',

@@ -338,6 +338,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   max_skipped = max(1, int(config.get('max_consecutive_nonfinite_steps', 5)))
 
   # Model, optimizer and a fresh (replicated) train state.
+  config = checkpointing.keep_trained_decoder_concat(workdir, config)
   model = init_model(config.model, seed=config.seed,
                      bn_axis_name=parallel.DATA_AXIS)
   model_def, variables = split_model(model)

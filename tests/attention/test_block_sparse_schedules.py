@@ -7,6 +7,7 @@ including ragged last chunks, groups that see no key, and global keys.
 """
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -134,3 +135,42 @@ def test_bfloat16_chunked_gradients_are_finite_and_close():
   for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ref)):
     assert a.dtype == jnp.bfloat16
     assert rel_err(a, b) < 5e-2
+
+
+def _gathers(jaxpr):
+  """Every gather in a jaxpr, loop bodies included: (output bytes, shape)."""
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == 'gather':
+      aval = eqn.outvars[0].aval
+      yield aval.size * aval.dtype.itemsize, aval.shape
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      yield from _gathers(sub)
+
+
+@pytest.mark.parametrize('batch, heads', [(1, 1), (8, 4)])
+def test_a_loop_step_gathers_at_most_the_chunk_budget(batch, heads):
+  """Issue 16, item 9: the budget counts all batch elements and heads.
+
+  Sizing chunks per (batch, head) pair made each step gather batch x heads
+  times `chunk_bytes` (32x at the training batch), out of cache. Here every
+  gather of the forward and of both backward passes must fit the budget.
+  """
+  n, block, dim = 256, 16, 32  # 16 query blocks, 3 key tiles per row
+  mask = masks.bind_grid(masks.Local2DMask(1), 16)
+  (q, k, v, cot), global_kv = random_inputs(n, 4, batch=batch, heads=heads,
+                                            dim=dim, count=4)
+  one_row = batch * heads * 3 * block * dim * 4  # one query block's key tiles
+  budget = 2 * one_row  # two query blocks per step: a loop of ~8 steps
+
+  def loss(q, k, v, g):
+    out = ak.block_sparse_attention(q, k, v, mask=mask, block_size=block, global_kv=g)
+    return jnp.sum(out * cot)
+
+  with ak.chunking(budget):
+    jaxpr = jax.make_jaxpr(jax.value_and_grad(loss, (0, 1, 2, 3)))(q, k, v, global_kv)
+  gathers = list(_gathers(jaxpr.jaxpr))
+  assert gathers, 'no gathers traced: the test would check nothing'
+  too_big = [(size, shape) for size, shape in gathers if size > budget]
+  assert not too_big, f'gathers over the {budget}-byte budget: {too_big}'
+  # And the loop really runs in steps of the budget, not of one block.
+  assert max(size for size, _ in gathers) > budget // 2

@@ -134,3 +134,31 @@ def test_rows_taking_every_block_in_order_broadcast_instead_of_gathering():
   np.testing.assert_array_equal(ak._take_blocks(x, some), x[:, :, some])
   hlo = jax.jit(lambda x: ak._take_blocks(x, every)).lower(x).as_text()
   assert 'gather' not in hlo and 'broadcast' in hlo
+
+
+@pytest.mark.parametrize('kernel', ['dense', 'block_sparse'])
+def test_bad_arguments_are_named(kernel):
+  """chex checks at the public boundary: the error names the argument."""
+  (q, k, v), global_kv = random_inputs(32, 3, batch=2, heads=2, dim=8)
+
+  def call(q, k, v, global_kv=None):
+    if kernel == 'dense':
+      return ak.dense_attention(q, k, v, global_kv=global_kv)
+    return ak.block_sparse_attention(q, k, v, mask=masks.LocalMask(4), block_size=8,
+                                     global_kv=global_kv)
+
+  with pytest.raises(AssertionError, match=r'q must be \[batch, heads, tokens, dim\]'):
+    call(q[0], k, v)
+  with pytest.raises(AssertionError, match='k must be'):
+    call(q, k[:, :, :, :4], v)
+  with pytest.raises(AssertionError, match='v must be'):
+    call(q, k, v[:1])
+  with pytest.raises(AssertionError, match='floating point'):
+    call(q, k, v.astype(jnp.int32))
+  with pytest.raises(AssertionError, match=r'global_kv\[0\]'):
+    call(q, k, v, (global_kv[0][..., :4], global_kv[1]))
+  with pytest.raises(AssertionError, match=r'global_kv\[1\]'):
+    call(q, k, v, (global_kv[0], global_kv[1][:, :, :2]))
+  if kernel == 'block_sparse':  # tiles q, k and v alike: the same tokens
+    with pytest.raises(AssertionError, match='k must be'):
+      call(q, k[:, :, :16], v[:, :, :16])
