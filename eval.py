@@ -11,7 +11,8 @@ config's, and writes
   DIR/eval/<split>-<step>.json        the report (docs/evaluation.md)
   DIR/eval/<split>-<step>/            overlays and training_curves.png
 
-and prints a table. `--compare DIR2` evaluates DIR2 the same way (its report
+and prints a table. DIR, PATH and DIR2 may be gs:// URLs (docs/evaluation.md).
+`--compare DIR2` evaluates DIR2 the same way (its report
 goes to DIR2/eval/) and prints both side by side, e.g. U-Net vs LinTUNet.
 """
 
