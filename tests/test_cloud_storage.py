@@ -27,6 +27,7 @@ import pytest
 from PIL import Image
 
 from lintunet_jax import paths
+from lintunet_jax.training import checkpointing
 from lintunet_jax.training import metric_logs
 from tests import train_testutil as tu
 from tests.gcs_testutil import gcs  # noqa: F401  (the session fixture)
@@ -71,6 +72,16 @@ def test_metrics_jsonl_on_gcs_is_rewritten_whole_and_truncated_on_resume(gcs):
   assert [(r['type'], r['step']) for r in metric_logs.read_metrics(workdir)] == [
       ('train', 1), ('train', 2), ('resume', 2), ('train', 3)]
   assert len(gcs.list_objects(bucket, 'run/tensorboard/')) == 2  # one per run
+
+
+def test_only_committed_checkpoints_on_gcs_are_listed(gcs):
+  # On gs:// orbax writes a checkpoint in place and marks it complete last;
+  # one cut short by a kill (no marker) must never be listed or restored.
+  workdir = gcs.create_bucket('list-unit') + '/run'
+  paths.write_text(f'{workdir}/checkpoints/3/model/_METADATA', '{}')
+  assert checkpointing.list_checkpoints(workdir) == []
+  paths.write_text(f'{workdir}/checkpoints/3/commit_success.txt', '')
+  assert checkpointing.list_checkpoints(workdir) == [3]
 
 
 def test_local_metrics_stay_a_plain_appended_file(tmp_path):
