@@ -11,7 +11,8 @@ image of the split once, times the jit-compiled forward pass at batch sizes
   DIR/eval/<split>-<step>.json        the report (docs/evaluation.md)
   DIR/eval/<split>-<step>/            overlays and training_curves.png
 
-and prints a table. `--compare DIR2` evaluates DIR2 the same way (its report
+and prints a table. DIR, PATH and DIR2 may be gs:// URLs (docs/evaluation.md).
+`--compare DIR2` evaluates DIR2 the same way (its report
 goes to DIR2/eval/) and prints both side by side, e.g. U-Net vs LinTUNet.
 
 Metrics count pixels at each image's own size (`--resolution native`, the

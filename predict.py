@@ -3,7 +3,8 @@ r"""Segment new images with a trained model.
   python predict.py --workdir DIR --input PATH [PATH...] --output OUTDIR \
       [--checkpoint best|latest|STEP] [--save-logits] [--overlay] [--recursive]
 
-PATH: image files or folders (their image files). For each image
+PATH: image files or folders (their image files); DIR, PATH and OUTDIR may
+be gs:// URLs (docs/evaluation.md). For each image
 `<stem>.<ext>` it writes OUTDIR/<stem>.png, the mask at the image's own
 size (0/255 for binary models, class ids for multi-class ones); with
 `--overlay` also <stem>_overlay.png, and with `--save-logits` <stem>.npy,
@@ -21,7 +22,6 @@ from __future__ import annotations
 import pathlib
 
 import json
-import os
 import sys
 
 from absl import app
@@ -57,9 +57,20 @@ def main(argv):
     raise app.UsageError('--workdir, --output and at least one --input are required')
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.ERROR)
+  from lintunet_jax import paths  # pylint: disable=import-outside-toplevel
+  try:  # a URL nothing can write to fails before any work
+    output = paths.check(_OUTPUT.value, '--output')
+    paths.check(_WORKDIR.value, '--workdir')
+  except paths.UnsupportedPathError as e:
+    print(f'predict.py: error: {e}', file=sys.stderr)
+    return 2
   from lintunet_jax.evaluation import report as evaluation  # pylint: disable=import-outside-toplevel
   from lintunet_jax.evaluation import prediction  # pylint: disable=import-outside-toplevel
-  files, skipped, _ = prediction.collect_inputs(inputs, recursive=_RECURSIVE.value)
+  try:
+    files, skipped, _ = prediction.collect_inputs(inputs, recursive=_RECURSIVE.value)
+  except paths.UnsupportedPathError as e:
+    print(f'predict.py: error: {e}', file=sys.stderr)
+    return 2
   if not files:  # say so before spending time on the model
     print('predict.py: error: no input image found:', file=sys.stderr)
     print(prediction.format_skipped(skipped), file=sys.stderr)
@@ -85,14 +96,13 @@ def main(argv):
   except prediction.PredictionError as e:
     print(f'predict.py: error: {e}', file=sys.stderr)
     return 2
-  os.makedirs(_OUTPUT.value, exist_ok=True)
-  with open(os.path.join(_OUTPUT.value, 'predictions.json'), 'w') as f:
-    json.dump({'workdir': os.path.abspath(_WORKDIR.value), 'step': step,
-               'checkpoint': str(selector), 'threshold': config.threshold,
-               'written': summary.written,
-               'skipped': [{'input': p, 'reason': r} for p, r in summary.skipped],
-               'ignored': summary.ignored},
-              f, indent=2)
+  output.mkdir(parents=True, exist_ok=True)
+  paths.write_text(output / 'predictions.json', json.dumps(
+      {'workdir': paths.absolute(_WORKDIR.value), 'step': step,
+       'checkpoint': str(selector), 'threshold': config.threshold,
+       'written': summary.written,
+       'skipped': [{'input': p, 'reason': r} for p, r in summary.skipped],
+       'ignored': summary.ignored}, indent=2))
   print(f'wrote {len(summary.written)} mask(s) to {_OUTPUT.value}')
   if summary.ignored:
     print(f'ignored {len(summary.ignored)} non-image file(s) in the input '

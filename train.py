@@ -9,7 +9,7 @@ them). Re-running the same command on the same DIR resumes from the last
 complete checkpoint (same batches, same losses); a DIR holding only a
 weights checkpoint (e.g. converted PyTorch weights) is fine-tuned from it.
 Writes DIR/config.json, DIR/metrics.jsonl, DIR/tensorboard/ and
-DIR/checkpoints/. Multi-host: run the same command on every host with
+DIR/checkpoints/; DIR and dataset.data_dir may be gs:// URLs (docs/training.md). Multi-host: run the same command on every host with
 `--config.distributed=True` (or JAX_COORDINATOR_ADDRESS set); see
 docs/training.md.
 """
@@ -40,6 +40,15 @@ def main(argv):
     logging.set_verbosity(logging.INFO)
     std_logging.getLogger('absl').setLevel(std_logging.ERROR)
     std_logging.getLogger('jax').setLevel(std_logging.WARNING)
+    std_logging.getLogger('gcsfs').setLevel(std_logging.WARNING)  # per-read lines
+  from lintunet_jax import paths  # pylint: disable=g-import-not-at-top
+  try:  # a gs:// workdir without gcsfs fails now, not at the first checkpoint
+    paths.check(_WORKDIR.value, '--workdir')
+    if _CONFIG.value.dataset.get('data_dir'):
+      paths.check(_CONFIG.value.dataset.data_dir, 'config.dataset.data_dir')
+  except paths.UnsupportedPathError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
   from lintunet_jax.training import parallel  # pylint: disable=g-import-not-at-top
   parallel.maybe_initialize_distributed(_CONFIG.value)  # before any device use
   from lintunet_jax.training import loop as train_lib  # pylint: disable=g-import-not-at-top

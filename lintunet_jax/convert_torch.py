@@ -40,7 +40,6 @@ import json
 import os
 import pathlib
 import pickle
-import shutil
 import sys
 import zipfile
 from typing import Any, Callable, Mapping, Sequence
@@ -52,6 +51,7 @@ import numpy as np
 from flax import nnx
 
 from lintunet_jax import models
+from lintunet_jax import paths
 
 TORCH_HINT = ('converting PyTorch checkpoints needs torch (an optional '
               'dependency): pip install torch==2.13.0  '
@@ -541,9 +541,13 @@ def convert(checkpoint: str | os.PathLike, model: str, workdir: str | os.PathLik
             ) -> tuple[ml_collections.ConfigDict, nnx.Module]:
   """Converts `checkpoint` and writes the workdir; returns (config, model).
 
-  Nothing is written unless the whole conversion succeeded.
+  Nothing is written unless the whole conversion succeeded. `workdir` may
+  be a gs:// URL.
   """
-  workdir = pathlib.Path(workdir)
+  try:
+    workdir = paths.check(workdir, '--workdir')
+  except paths.UnsupportedPathError as e:
+    raise ConversionError(str(e)) from None
   if workdir.exists() and (not workdir.is_dir() or any(workdir.iterdir())):
     raise ConversionError(
         f'--workdir {workdir} exists and is not an empty directory; '
@@ -556,7 +560,7 @@ def convert(checkpoint: str | os.PathLike, model: str, workdir: str | os.PathLik
   from lintunet_jax.training import checkpointing  # pylint: disable=g-import-not-at-top
   created = not workdir.exists()
   try:
-    checkpointing.write_weights_checkpoint(str(workdir), config, net, step=0)
+    checkpointing.write_weights_checkpoint(os.fspath(workdir), config, net, step=0)
     provenance = {
         'source': str(pathlib.Path(checkpoint).resolve()),
         'sha256': _sha256(checkpoint),
@@ -567,11 +571,11 @@ def convert(checkpoint: str | os.PathLike, model: str, workdir: str | os.PathLik
         'image_size': image_size,
         'normalization': normalization,
     }
-    (workdir / 'converted_from_torch.json').write_text(
-        json.dumps(provenance, indent=2) + '\n')
+    paths.write_text(workdir / 'converted_from_torch.json',
+                     json.dumps(provenance, indent=2) + '\n')
   except BaseException:
     if created and workdir.exists():
-      shutil.rmtree(workdir, ignore_errors=True)
+      workdir.rmtree(missing_ok=True)
     raise
   return config, net
 

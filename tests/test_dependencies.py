@@ -1,5 +1,7 @@
 """The package's parts and which may import which, read from the source.
 
+  paths        user paths that may be gs:// URLs: imports nothing of ours,
+               so every part may use it
   attention/   masks, tile layout, kernels, bottleneck: imports only itself,
                JAX, Flax, NumPy, chex (the kernels' argument checks; pinned
                in requirements.txt) and the standard library
@@ -25,6 +27,7 @@ import pytest
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / 'lintunet_jax'
 
 PARTS = {  # module name prefix -> part (longest prefix wins)
+    'lintunet_jax.paths': 'paths',
     'lintunet_jax.attention': 'attention',
     'lintunet_jax.data': 'data',
     'lintunet_jax.metrics': 'metrics',
@@ -37,13 +40,16 @@ PARTS = {  # module name prefix -> part (longest prefix wins)
     'lintunet_jax': 'entry',  # the (empty) package __init__
 }
 ALLOWED = {  # part -> the parts it may import (itself included)
+    'paths': {'paths'},
     'attention': {'attention'},
-    'data': {'data'},
+    'data': {'data', 'paths'},
     'metrics': {'metrics'},
     'models': {'models', 'attention'},
-    'training': {'training', 'models', 'attention', 'data', 'metrics'},
-    'evaluation': {'evaluation', 'training', 'models', 'attention', 'data', 'metrics'},
-    'entry': {'entry', 'evaluation', 'training', 'models', 'attention', 'data', 'metrics'},
+    'training': {'training', 'models', 'attention', 'data', 'metrics', 'paths'},
+    'evaluation': {'evaluation', 'training', 'models', 'attention', 'data', 'metrics',
+                   'paths'},
+    'entry': {'entry', 'evaluation', 'training', 'models', 'attention', 'data', 'metrics',
+              'paths'},
 }
 ATTENTION_THIRD_PARTY = {'jax', 'flax', 'numpy', 'chex'}
 
@@ -169,6 +175,11 @@ def test_no_import_cycles():
 
 
 def test_the_checks_catch_violations():
+  # paths is below every part that reads user paths, and imports none of them.
+  assert _upward_imports('lintunet_jax.data.image_io',
+                         'from lintunet_jax import paths\n') == []
+  assert _upward_imports('lintunet_jax.paths', 'from lintunet_jax.data import image_io\n') == [
+      'line 1: lintunet_jax.data.image_io (data)']
   # A lazy import (inside a function) of training from the models counts.
   source = 'def f():\n  from lintunet_jax.training import loop\n'
   assert _upward_imports('lintunet_jax.models', source) == [

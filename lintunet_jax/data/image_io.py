@@ -25,11 +25,15 @@ Conventions (documented in docs/data.md):
 
 from __future__ import annotations
 
+import io
 import os
 from typing import Union
 
 import numpy as np
+from etils import epath
 from PIL import Image, UnidentifiedImageError
+
+from lintunet_jax import paths
 
 PathLike = Union[str, os.PathLike]
 
@@ -124,10 +128,17 @@ class _open:  # pylint: disable=invalid-name
 
   def __enter__(self) -> Image.Image:
     path = self._path
-    if os.path.isdir(path):
+    if paths.is_url(path):  # gs://: read the object, decode from memory
+      source = epath.Path(paths.check(path, 'image'))
+      if source.is_dir():
+        raise ImageReadError(path, 'is a directory, not an image file')
+    elif os.path.isdir(path):
       raise ImageReadError(path, 'is a directory, not an image file')
+    else:
+      source = path
     try:
-      image = Image.open(path)
+      image = Image.open(io.BytesIO(source.read_bytes()) if paths.is_url(path)
+                         else source)
     except FileNotFoundError:
       raise ImageReadError(path, 'file not found') from None
     except UnidentifiedImageError:

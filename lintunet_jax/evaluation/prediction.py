@@ -26,6 +26,7 @@ still processed and the skipped ones are listed in the summary.
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import pathlib
 import sys
@@ -35,9 +36,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 from flax import nnx
 from PIL import Image
 
+from lintunet_jax import paths
 from lintunet_jax.data import image_io
 from lintunet_jax.data import pipeline as input_pipeline
 from lintunet_jax import metrics as metrics_lib
@@ -63,7 +66,12 @@ class PredictSummary:
   ignored: list[str] = dataclasses.field(default_factory=list)
 
 
-def collect_inputs(paths: Sequence[str | os.PathLike], *, recursive: bool = False
+def _identity(path) -> str:
+  """One key per file: resolved local paths, URLs as they are."""
+  return os.fspath(path) if paths.is_url(path) else os.fspath(pathlib.Path(path).resolve())
+
+
+def collect_inputs(inputs: Sequence[str | os.PathLike], *, recursive: bool = False
                    ) -> tuple[list[pathlib.Path], list[tuple[str, str]], list[str]]:
   """(image files to process, [(path, why skipped)], [ignored files]).
 
@@ -71,7 +79,7 @@ def collect_inputs(paths: Sequence[str | os.PathLike], *, recursive: bool = Fals
   are images); in folders, files with an image suffix
   (`image_io.IMAGE_SUFFIXES`) are taken and other non-hidden files are
   returned as ignored. Missing paths and folders without any image file are
-  skipped (with the reason).
+  skipped (with the reason). Inputs may be gs:// URLs (files or folders).
   """
   files: list[pathlib.Path] = []
   skipped: list[tuple[str, str]] = []
@@ -79,13 +87,14 @@ def collect_inputs(paths: Sequence[str | os.PathLike], *, recursive: bool = Fals
   seen = set()
 
   def add(path: pathlib.Path):
-    key = path.resolve()
+    key = _identity(path)
     if key not in seen:
       seen.add(key)
       files.append(path)
 
-  for raw in paths:
-    path = pathlib.Path(raw)
+  for raw in inputs:
+    path = (paths.check(raw, '--input') if paths.is_url(raw)
+            else pathlib.Path(raw))
     if path.is_dir():
       pattern = '**/*' if recursive else '*'
       entries = sorted(p for p in path.glob(pattern) if p.is_file()
@@ -173,12 +182,12 @@ def predict_paths(model: nnx.Module, config: ml_collections.ConfigDict,
          f'input folders, e.g. {ignored[0]}')
   if not files:
     return summary
-  out_dir = pathlib.Path(out_dir)
+  out_dir = paths.check(out_dir, '--output')
   stems = output_stems(files)
-  sources = {f.resolve() for f in files}
+  sources = {_identity(f) for f in files}
   for stem in stems:
     for suffix in ('.png', '_overlay.png', '.npy'):
-      target = (out_dir / f'{stem}{suffix}').resolve()
+      target = _identity(out_dir / f'{stem}{suffix}')
       if target in sources:
         raise PredictionError(
             f'writing {target} would overwrite an input image; choose an '
@@ -214,10 +223,14 @@ def predict_paths(model: nnx.Module, config: ml_collections.ConfigDict,
       entry = {'input': str(path), 'mask': str(out_dir / f'{stem}.png'),
                'original_size': list(original.shape[:2]),
                'foreground_fraction': float(np.mean(mask > 0))}
-      Image.fromarray(mask_to_png_array(mask, num_classes)).save(entry['mask'])
+      png = io.BytesIO()
+      Image.fromarray(mask_to_png_array(mask, num_classes)).save(png, format='PNG')
+      paths.write_bytes(entry['mask'], png.getvalue())
       if save_logits:
         entry['logits'] = str(out_dir / f'{stem}.npy')
-        np.save(entry['logits'], logits[i].astype(np.float32))
+        array = io.BytesIO()
+        np.save(array, logits[i].astype(np.float32))
+        paths.write_bytes(entry['logits'], array.getvalue())
       if overlays:
         entry['overlay'] = visualize.save_overlay(
             out_dir / f'{stem}_overlay.png', original, None, mask,

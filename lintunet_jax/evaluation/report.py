@@ -21,7 +21,6 @@ import dataclasses
 import datetime
 import json
 import os
-import pathlib
 import time
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
@@ -29,8 +28,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 from flax import nnx
 
+from lintunet_jax import paths
 from lintunet_jax.training import checkpointing
 from lintunet_jax.data import pipeline as input_pipeline
 from lintunet_jax.training import metric_logs as logging_utils
@@ -62,7 +63,8 @@ class EvaluationError(RuntimeError):
 
 # What the CLIs report as "error: <message>" (exit 2) instead of a traceback:
 # each names what is missing and what exists.
-USER_ERRORS = (EvaluationError, FileNotFoundError, checkpointing.CheckpointError)
+USER_ERRORS = (EvaluationError, FileNotFoundError, checkpointing.CheckpointError,
+               paths.UnsupportedPathError)
 
 
 def parse_checkpoint(selector: str | int) -> str | int:
@@ -263,7 +265,7 @@ def evaluate(model: nnx.Module, config: ml_collections.ConfigDict, split: str,
 
 
 def default_report_path(workdir: str, split: str, step: int) -> str:
-  return os.path.join(workdir, 'eval', f'{split}-{step}.json')
+  return os.fspath(epath.Path(workdir) / 'eval' / f'{split}-{step}.json')
 
 
 def artifacts_dir(report_path: str) -> str:
@@ -300,7 +302,7 @@ def build_report(*, workdir: str, checkpoint: str | int, step: int,
       'schema_version': SCHEMA_VERSION,
       'created': datetime.datetime.now(datetime.timezone.utc).isoformat(
           timespec='seconds'),
-      'workdir': os.path.abspath(workdir),
+      'workdir': paths.absolute(workdir),
       'checkpoint': {'requested': str(checkpoint), 'step': int(step)},
       'config_source': config_source,
       'model': model_info,
@@ -328,12 +330,9 @@ def build_report(*, workdir: str, checkpoint: str | int, step: int,
 
 
 def write_json(path: str, data: dict) -> str:
-  pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
-  tmp = f'{path}.tmp'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    json.dump(data, f, indent=2, sort_keys=False)
-    f.write('\n')
-  os.replace(tmp, path)
+  """Writes `data` whole (local or gs://); returns the path."""
+  paths.check(path, 'report path').parent.mkdir(parents=True, exist_ok=True)
+  paths.write_text(path, json.dumps(data, indent=2, sort_keys=False) + '\n')
   return path
 
 
@@ -347,12 +346,12 @@ def save_pictures(workdir: str, out_dir: str, output: EvalOutput,
     artifacts['overlays'] = visualize.save_overlays(
         out_dir, s['image'], s['mask'], s['prediction'], names=names,
         num_classes=max(config.model.num_classes, 2))
-  log = os.path.join(workdir, logging_utils.METRICS_FILE)
-  if os.path.exists(log):
+  log = epath.Path(workdir) / logging_utils.METRICS_FILE
+  if log.exists():
     try:
       artifacts['training_curves'] = visualize.plot_training_curves(
-          workdir, os.path.join(out_dir, 'training_curves.png'),
-          title=f'{config.model.name}: {os.path.basename(os.path.abspath(workdir))}')
+          workdir, os.fspath(epath.Path(out_dir) / 'training_curves.png'),
+          title=f'{config.model.name}: {epath.Path(paths.absolute(workdir)).name}')
     except ValueError as e:
       output.notes.append(f'no training curves: {e}')
   else:
@@ -380,7 +379,7 @@ def restore(workdir: str, checkpoint: str | int | None,
   mismatching checkpoints keep checkpointing's own messages (which list
   what exists).
   """
-  if not os.path.isdir(workdir):
+  if not paths.check(workdir, 'workdir').is_dir():
     raise EvaluationError(f'workdir {workdir!r} does not exist')
   selector = (parse_checkpoint(checkpoint) if checkpoint not in (None, '')
               else default_checkpoint(workdir))
@@ -440,6 +439,8 @@ def run(workdir: str, *, checkpoint: str | int | None = None,
   `resolution`: where pixels are counted, a key of `RESOLUTIONS`. Only
   process 0 writes files.
   """
+  if report_path:  # a bad URL fails before minutes of evaluation
+    paths.check(report_path, '--report')
   config_source = ('override (--config)' if config is not None else
                    'saved (with the checkpoint, else DIR/config.json)')
   if overrides:
@@ -468,13 +469,13 @@ def run(workdir: str, *, checkpoint: str | int | None = None,
   writer = jax.process_index() == 0
   artifacts = (save_pictures(workdir, out_dir, output, config, split) if writer
                else {'overlays': [], 'training_curves': None})
-  artifacts['folder'] = os.path.abspath(out_dir)
+  artifacts['folder'] = paths.absolute(out_dir)
   report = build_report(
       workdir=workdir, checkpoint=selector, step=step, config=config,
       model_info=model_summary(model, config), split=split, output=output,
       throughput=throughput, train_throughput=train_throughput,
       artifacts=artifacts, config_source=config_source)
-  report['report_path'] = os.path.abspath(report_path)
+  report['report_path'] = paths.absolute(report_path)
   if writer:
     write_json(report_path, report)
   return report

@@ -16,15 +16,17 @@ of a program that imports it.
 
 from __future__ import annotations
 
+import io
 import math
 import os
-import pathlib
 from typing import Any, Iterable, Sequence
 
 import numpy as np
+from etils import epath
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from lintunet_jax import paths
 from lintunet_jax.training import metric_logs as logging_utils
 
 # Class colours (RGB 0..1) for masks; class 0 (background) is never drawn.
@@ -125,9 +127,16 @@ def save_overlay(path: str | os.PathLike, image: np.ndarray,
   if title:
     fig.suptitle(title, fontsize=10)
   fig.tight_layout()
+  return _save_png(fig, path)
+
+
+def _save_png(fig: Figure, path: str | os.PathLike) -> str:
+  """Renders `fig` as PNG to `path` (local or gs://); returns the path."""
   path = os.fspath(path)
-  pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, format='png')
+  paths.check(path, 'picture path').parent.mkdir(parents=True, exist_ok=True)
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format='png')
+  paths.write_bytes(path, buffer.getvalue())
   return path
 
 
@@ -139,7 +148,7 @@ def save_overlays(out_dir: str | os.PathLike, images: np.ndarray,
   paths = []
   for i in range(len(predictions)):
     name = names[i] if names is not None else f'{i:04d}'
-    path = pathlib.Path(out_dir) / f'{prefix}-{name}.png'
+    path = epath.Path(out_dir) / f'{prefix}-{name}.png'
     paths.append(save_overlay(path, images[i],
                               None if labels is None else labels[i],
                               predictions[i], num_classes=num_classes,
@@ -209,8 +218,8 @@ def plot_training_curves(workdir: str | os.PathLike, out_path: str | os.PathLike
   Raises FileNotFoundError if the log is missing and ValueError if it holds
   no train or validation values of the requested metrics.
   """
-  log_path = os.path.join(os.fspath(workdir), logging_utils.METRICS_FILE)
-  if not os.path.exists(log_path):
+  log_path = epath.Path(workdir) / logging_utils.METRICS_FILE
+  if not log_path.exists():
     raise FileNotFoundError(f'no training log at {log_path}')
   records = logging_utils.read_metrics(os.fspath(workdir))
   series = training_series(records, metrics)
@@ -244,7 +253,4 @@ def plot_training_curves(workdir: str | os.PathLike, out_path: str | os.PathLike
   if title:
     fig.suptitle(title)
   fig.tight_layout()
-  out_path = os.fspath(out_path)
-  pathlib.Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(out_path, format='png')
-  return out_path
+  return _save_png(fig, out_path)

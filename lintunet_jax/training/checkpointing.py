@@ -47,6 +47,7 @@ from etils import epath
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp_lib
 
 from lintunet_jax import models
+from lintunet_jax import paths
 from lintunet_jax.training import state as train_state_lib
 
 CONFIG_FILE = 'config.json'
@@ -63,7 +64,9 @@ class CheckpointError(ValueError):
 
 
 def checkpoint_dir(workdir: str | os.PathLike) -> str:
-  return os.path.join(os.fspath(workdir), CHECKPOINT_DIR)
+  """DIR/checkpoints: absolute for local workdirs (tensorstore wants that),
+  the URL itself for gs://."""
+  return os.fspath(epath.Path(paths.absolute(workdir)) / CHECKPOINT_DIR)
 
 
 # ---------------------------------------------------------------- config
@@ -77,45 +80,36 @@ def config_from_json(text: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(json.loads(text))
 
 
-def _atomic_write_text(path: str, text: str) -> None:
-  tmp = f'{path}.tmp-{os.getpid()}'
-  with open(tmp, 'w') as f:
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-
-
 def save_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> str:
   """Writes the resolved config to DIR/config.json (atomically); returns the path.
 
   Only process 0 writes in multi-process runs.
   """
-  workdir = os.fspath(workdir)
-  path = os.path.join(workdir, CONFIG_FILE)
+  root = paths.check(workdir, 'workdir')
+  path = root / CONFIG_FILE
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    _atomic_write_text(path, config_to_json(config) + '\n')
-  return path
+    root.mkdir(parents=True, exist_ok=True)
+    paths.write_text(path, config_to_json(config) + '\n')
+  return os.fspath(path)
 
 
 def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
   """The config saved in DIR/config.json."""
-  workdir = os.fspath(workdir)
-  if not os.path.isdir(workdir):
-    raise FileNotFoundError(f'workdir {workdir!r} does not exist')
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
+  root = paths.check(workdir, 'workdir')
+  if not root.is_dir():
+    raise FileNotFoundError(f'workdir {os.fspath(workdir)!r} does not exist')
+  path = root / CONFIG_FILE
+  if not path.exists():
     raise FileNotFoundError(
-        f'no {CONFIG_FILE} in {workdir!r} (it holds: {_listing(workdir)}); '
-        'was it written by train.py or write_weights_checkpoint?')
-  with open(path) as f:
-    return config_from_json(f.read())
+        f'no {CONFIG_FILE} in {os.fspath(workdir)!r} (it holds: '
+        f'{_listing(root)}); was it written by train.py or '
+        'write_weights_checkpoint?')
+  return config_from_json(path.read_text())
 
 
-def _listing(path: str, limit: int = 12) -> str:
+def _listing(path: epath.Path, limit: int = 12) -> str:
   try:
-    names = sorted(os.listdir(path))
+    names = sorted(p.name for p in path.iterdir())
   except OSError:
     return '(unreadable)'
   if not names:
@@ -189,17 +183,18 @@ def create_manager(workdir: str | os.PathLike, *, keep: int = 3,
               TRAIN_ITEM: ocp.StandardCheckpointHandler(),
               DATA_ITEM: _ProcessJsonHandler(),
               CONFIG_ITEM: ocp.JsonCheckpointHandler()}
-  return ocp.CheckpointManager(os.path.abspath(checkpoint_dir(workdir)),
+  paths.check(workdir, 'workdir')  # before orbax creates anything
+  return ocp.CheckpointManager(checkpoint_dir(workdir),
                                options=options, item_handlers=handlers)
 
 
 def _step_items(manager_or_workdir, step: int) -> set[str]:
   if isinstance(manager_or_workdir, ocp.CheckpointManager):
-    root = os.fspath(manager_or_workdir.directory)
+    root = epath.Path(manager_or_workdir.directory)
   else:
-    root = checkpoint_dir(manager_or_workdir)
-  path = os.path.join(root, str(step))
-  return set(os.listdir(path)) if os.path.isdir(path) else set()
+    root = epath.Path(checkpoint_dir(manager_or_workdir))
+  path = root / str(step)
+  return {p.name for p in path.iterdir()} if path.is_dir() else set()
 
 
 def has_train_state(manager_or_workdir, step: int) -> bool:
@@ -316,7 +311,7 @@ def restore_checkpoint(manager: ocp.CheckpointManager, step: int, *,
   and 'train' / 'data_iterator' (None when absent) as requested.
   """
   items_on_disk = _step_items(manager, step)
-  where = os.path.join(os.fspath(manager.directory), str(step))
+  where = os.fspath(epath.Path(manager.directory) / str(step))
   stored = manager.item_metadata(step)
   model_meta = stored[MODEL_ITEM] if MODEL_ITEM in stored.keys() else None
   if model_meta is None or MODEL_ITEM not in items_on_disk:
@@ -342,21 +337,24 @@ def restore_checkpoint(manager: ocp.CheckpointManager, step: int, *,
 
 
 def list_checkpoints(workdir: str | os.PathLike) -> list[int]:
-  """Steps of the complete checkpoints in DIR/checkpoints, ascending."""
-  root = checkpoint_dir(workdir)
-  if not os.path.isdir(root):
+  """Steps of the complete checkpoints in DIR/checkpoints, ascending.
+
+  Complete as orbax decides (on gs://, where a checkpoint is written in
+  place, only those with their commit marker), so a save cut short by a
+  kill is never listed.
+  """
+  root = epath.Path(checkpoint_dir(workdir))
+  if not root.is_dir():
     return []
-  return sorted(int(name) for name in os.listdir(root) if name.isdigit()
-                and os.path.isdir(os.path.join(root, name)))
+  return sorted(ocp.path.step.checkpoint_steps(root))
 
 
 def checkpoint_metrics(workdir: str | os.PathLike, step: int) -> dict | None:
   """The validation metrics saved with a checkpoint, or None."""
-  path = os.path.join(checkpoint_dir(workdir), str(step), 'metrics', 'metrics')
-  if not os.path.exists(path):
+  path = epath.Path(checkpoint_dir(workdir)) / str(step) / 'metrics' / 'metrics'
+  if not path.exists():
     return None
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(path.read_text())
 
 
 def best_checkpoint(workdir: str | os.PathLike) -> int | None:
@@ -368,14 +366,14 @@ def best_checkpoint(workdir: str | os.PathLike) -> int | None:
 
 def resolve_step(workdir: str | os.PathLike, checkpoint: str | int = 'latest') -> int:
   """'latest' | 'best' | a step number -> an existing step (clear errors)."""
-  workdir = os.fspath(workdir)
-  if not os.path.isdir(workdir):
-    raise FileNotFoundError(f'workdir {workdir!r} does not exist')
+  root = paths.check(workdir, 'workdir')
+  if not root.is_dir():
+    raise FileNotFoundError(f'workdir {os.fspath(workdir)!r} does not exist')
   steps = list_checkpoints(workdir)
   if not steps:
     raise FileNotFoundError(
         f'no checkpoints in {checkpoint_dir(workdir)!r} (the workdir holds: '
-        f'{_listing(workdir)})')
+        f'{_listing(root)})')
   if checkpoint == 'latest':
     return steps[-1]
   if checkpoint == 'best':
@@ -398,14 +396,14 @@ def resolve_step(workdir: str | os.PathLike, checkpoint: str | int = 'latest') -
 
 
 def _checkpoint_config(workdir: str, step: int) -> ml_collections.ConfigDict | None:
-  path = os.path.join(checkpoint_dir(workdir), str(step), CONFIG_ITEM)
-  if not os.path.isdir(path):
+  path = epath.Path(checkpoint_dir(workdir)) / str(step) / CONFIG_ITEM
+  if not path.is_dir():
     return None
-  files = [f for f in os.listdir(path) if not f.startswith('_')]
-  for name in files:
+  for item in path.iterdir():
+    if item.name.startswith('_'):
+      continue
     try:
-      with open(os.path.join(path, name)) as f:
-        return ml_collections.ConfigDict(json.load(f))
+      return ml_collections.ConfigDict(json.loads(item.read_text()))
     except (OSError, json.JSONDecodeError):
       continue
   return None
@@ -455,7 +453,6 @@ def restore_model(workdir: str | os.PathLike, checkpoint: str | int = 'latest',
   step, listing the available ones; 'best' without metrics; a parameter
   tree that does not match the config's model, naming keys and shapes).
   """
-  workdir = os.fspath(workdir)
   step = resolve_step(workdir, checkpoint)
   if config is None:
     config = _checkpoint_config(workdir, step)
@@ -489,16 +486,16 @@ def write_weights_checkpoint(workdir: str | os.PathLike,
   checkpoint is renamed into place only when complete, and a config.json
   this call created is removed). Returns the checkpoint's directory.
   """
-  workdir = os.fspath(workdir)
+  root = paths.check(workdir, 'workdir')
   if step in list_checkpoints(workdir):
     raise FileExistsError(f'{checkpoint_dir(workdir)}/{step} already exists')
   variables = train_state_lib.model_variables(model)
   expected = train_state_lib.model_variables(
       train_state_lib.abstract_model(config.model))
   check_model_tree(abstract_like(variables), expected, where='being written')
-  config_path = os.path.join(workdir, CONFIG_FILE)
-  had_config = os.path.exists(config_path)
-  old_config = open(config_path).read() if had_config else None
+  config_path = root / CONFIG_FILE
+  had_config = config_path.exists()
+  old_config = config_path.read_text() if had_config else None
   manager = None
   try:
     save_config(workdir, config)
@@ -509,18 +506,22 @@ def write_weights_checkpoint(workdir: str | os.PathLike,
   except BaseException:
     if jax.process_index() == 0:
       if had_config:
-        _atomic_write_text(config_path, old_config)
-      elif os.path.exists(config_path):
-        os.remove(config_path)
-      root = checkpoint_dir(workdir)
-      for name in os.listdir(root) if os.path.isdir(root) else []:
-        if name.startswith(f'{step}.') and 'tmp' in name:
-          shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+        paths.write_text(config_path, old_config)
+      elif config_path.exists():
+        config_path.unlink()
+      ckpt_root = epath.Path(checkpoint_dir(workdir))
+      # Local saves are renamed into place when complete (leftover:
+      # '<step>.orbax-checkpoint-tmp*'); gs:// saves are written in place
+      # and lack their commit marker until complete (leftover: '<step>').
+      for item in ckpt_root.iterdir() if ckpt_root.is_dir() else []:
+        if ((item.name.startswith(f'{step}.') and 'tmp' in item.name)
+            or (item.name == str(step) and paths.is_url(workdir))):
+          item.rmtree(missing_ok=True)
     raise
   finally:
     if manager is not None:
       manager.close()
-  return os.path.join(checkpoint_dir(workdir), str(step))
+  return os.fspath(epath.Path(checkpoint_dir(workdir)) / str(step))
 
 
 def describe(workdir: str | os.PathLike) -> list[dict]:

@@ -42,6 +42,7 @@ from lintunet_jax.training import metric_logs as logging_utils
 from lintunet_jax.training import losses
 from lintunet_jax import metrics as metrics_lib
 from lintunet_jax import models
+from lintunet_jax import paths
 from lintunet_jax.training import optim
 from lintunet_jax.training import parallel
 from lintunet_jax.training.state import (ModelDef, TrainState, create_train_state,
@@ -316,7 +317,12 @@ def _close(iterator) -> None:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (resuming from DIR/checkpoints if any) and evaluates; returns the
   last validation metrics. Idempotent: re-running after a kill continues the
-  same run from the last complete checkpoint."""
+  same run from the last complete checkpoint. `workdir` and
+  `config.dataset.data_dir` may be gs:// URLs (docs/training.md)."""
+  # Before anything runs or is written: a URL nothing can write to fails now.
+  paths.check(workdir, 'workdir')
+  if config.dataset.get('data_dir'):
+    paths.check(config.dataset.data_dir, 'config.dataset.data_dir')
   parallel.maybe_initialize_distributed(config)
   parallel.check_accelerator(config)
   check_config(config)
@@ -469,6 +475,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       stop = sigterm.received
       if step % ckpt_every == 0 or do_eval or is_last or stop:
         flush_pending()  # stop before saving if the skipped steps hit the limit
+        writer.flush()  # the log holds every record up to the saved step
         checkpointing.save_checkpoint(
             manager, step, variables=state.variables,
             train={'opt_state': state.opt_state, 'step': state.step, 'rng': state.rng},

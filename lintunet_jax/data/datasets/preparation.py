@@ -9,22 +9,33 @@ Why the ceremony around `download_and_prepare`:
     tests) serialise on a lock file, and the later ones reuse the result;
   * provenance: a builder's data directory does not encode its manual_dir,
     so preparing from folder B into a data_dir that holds folder A's
-    dataset would silently reuse A. We record the source and refuse.
+    dataset would silently reuse A. We record the source and refuse;
+  * gs:// data_dirs: the array_record writer writes local files only (its
+    reader does read gs://), and a bucket has neither locks nor atomic
+    renames. So the dataset is prepared in a local temporary folder and
+    uploaded, its `dataset_info.json` last: a dataset counts as prepared on
+    the bucket only once that file exists, and a partial upload left by a
+    kill is deleted and redone. The lock is then a local file named after
+    the URL: it serialises the processes of one host; on a pod, only
+    process 0 should prepare (docs/training.md).
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import importlib.util
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import psutil
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import shuffle as tfds_shuffle
 
+from lintunet_jax import paths
 from lintunet_jax.data.datasets import base
 from lintunet_jax.data.datasets import brain_tumor_coco  # noqa: F401  (registers)
 from lintunet_jax.data.datasets import segmentation_folder
@@ -43,7 +54,16 @@ DEFAULT_DATA_DIR = '~/tensorflow_datasets'
 
 
 def data_dir(dataset_config) -> str:
-  return os.path.expanduser(dataset_config.data_dir or DEFAULT_DATA_DIR)
+  """The data_dir: local (with ~ expanded) or a gs:// URL (checked)."""
+  value = dataset_config.data_dir or DEFAULT_DATA_DIR
+  if paths.is_url(value):
+    if paths.scheme(value) != 'gs':
+      raise paths.UnsupportedPathError(
+          f'config.dataset.data_dir {value!r}: datasets are read with '
+          'array_record, which reads local files and gs:// only')
+    paths.check(value, 'config.dataset.data_dir')
+    return value
+  return os.path.expanduser(value)
 
 
 def base_name(name: str) -> str:
@@ -83,11 +103,17 @@ def prepare(builder, manual_dir: str | None) -> PreparationReport | None:
     if not Path(manual_dir).is_dir():
       raise FileNotFoundError(f'{manual_dir}: config.dataset.manual_dir does '
                               'not exist or is not a folder')
-  data_path = Path(builder.data_path)
-  with _lock(data_path.parent.parent):
-    if not data_path.exists():
-      _remove_stale_incomplete(data_path)
-      _prepare_unlocked(builder, manual_dir)
+  if paths.is_url(builder.data_dir):
+    data_path = builder.data_path
+    with _lock(_url_lock_folder(os.fspath(data_path))):
+      if not (data_path / _INFO_FILE).exists():
+        _prepare_and_upload(builder, manual_dir)
+  else:
+    data_path = Path(builder.data_path)
+    with _lock(data_path.parent.parent):
+      if not data_path.exists():
+        _remove_stale_incomplete(data_path)
+        _prepare_unlocked(builder, manual_dir)
   report = base.load_report(builder)
   if report is not None and manual_dir and report.source != manual_dir:
     raise ValueError(
@@ -96,6 +122,34 @@ def prepare(builder, manual_dir: str | None) -> PreparationReport | None:
         'Use another config.dataset.data_dir (one per source), or delete '
         f'{data_path} to prepare again.')
   return report
+
+
+_INFO_FILE = 'dataset_info.json'  # TFDS's; written last by our uploads
+
+
+def _url_lock_folder(url: str) -> Path:
+  digest = hashlib.sha1(url.encode()).hexdigest()[:16]
+  return Path(tempfile.gettempdir()) / f'lintunet-prepare-{digest}'
+
+
+def _prepare_and_upload(builder, manual_dir) -> None:
+  """Prepares `builder` locally, then copies it to its gs:// data_path."""
+  remote = builder.data_path
+  if remote.exists():  # a partial upload of a killed run (no info file)
+    remote.rmtree()
+  with tempfile.TemporaryDirectory(prefix='lintunet-prepare-') as local_dir:
+    state = dict(builder._original_state, data_dir=local_dir)  # pylint: disable=protected-access
+    local = type(builder)(**state)
+    _prepare_unlocked(local, manual_dir)
+    local_path = Path(local.data_path)  # our temporary folder: plain files
+    files = sorted(p for p in local_path.rglob('*') if p.is_file())
+    files.sort(key=lambda p: p.name == _INFO_FILE)  # the completion mark last
+    for path in files:
+      target = remote / path.relative_to(local_path).as_posix()
+      target.parent.mkdir(parents=True, exist_ok=True)
+      with open(path, 'rb') as src, target.open('wb') as dst:  # streamed
+        shutil.copyfileobj(src, dst, 16 << 20)
+  builder.info.read_from_directory(remote)  # splits, sizes, metadata
 
 
 def _prepare_unlocked(builder, manual_dir):
