@@ -136,6 +136,7 @@ def maybe_initialize_distributed(config=None) -> bool:
   global _initialized
   setting = None if config is None else config.get('distributed', None)
   launcher = detect_launcher()
+  _initialized = _initialized or jax.distributed.is_initialized()  # by a caller
   if not _initialized and _wants_initialize(setting, launcher):
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     kwargs = _initialize_kwargs(config)
