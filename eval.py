@@ -85,6 +85,10 @@ _TRAIN_THROUGHPUT = flags.DEFINE_boolean(
     'train_throughput', False, 'Also time a training step (forward, backward, '
     "update) at the config's batch_size; compiling it takes a while.")
 _PROGRESS = flags.DEFINE_boolean('progress', True, 'Show a progress bar.')
+_REQUIRE_ACCELERATOR = flags.DEFINE_boolean(
+    'require_accelerator', None, 'Stop at once if JAX finds no GPU/TPU '
+    "(default: --config's require_accelerator if --config is given, else "
+    'False: a checkpoint trained on a GPU may be evaluated on a laptop).')
 
 
 def quiet_libraries() -> None:
@@ -130,9 +134,16 @@ def main(argv):
     raise app.UsageError('--workdir is required')
   quiet_libraries()
   from lintunet_jax.evaluation import report as evaluation  # pylint: disable=import-outside-toplevel
+  from lintunet_jax.training import distributed  # pylint: disable=import-outside-toplevel
   from lintunet_jax.training import parallel  # pylint: disable=import-outside-toplevel
   config, overrides = config_and_overrides()
-  parallel.maybe_initialize_distributed(config)
+  try:
+    distributed.maybe_initialize_distributed(config)  # before any device use
+    print(parallel.format_platform(parallel.check_accelerator(
+        config, required=_REQUIRE_ACCELERATOR.value)))
+  except (distributed.DistributedSetupError, parallel.NoAcceleratorError) as e:
+    print(f'eval.py: error: {e}', file=sys.stderr)
+    return 2
   try:
     report = _evaluate(_WORKDIR.value, _CHECKPOINT.value, _SPLIT.value,
                        _REPORT.value, config, overrides)

@@ -48,6 +48,9 @@ _OVERLAY = flags.DEFINE_boolean('overlay', False, 'Also save overlay PNGs.')
 _RECURSIVE = flags.DEFINE_boolean('recursive', False, 'Descend into sub-folders.')
 _BATCH_SIZE = flags.DEFINE_integer(
     'batch_size', None, "Images per batch (default: the config's eval_batch_size).")
+_REQUIRE_ACCELERATOR = flags.DEFINE_boolean(
+    'require_accelerator', None, 'Stop at once if JAX finds no GPU/TPU '
+    "(default: --config's require_accelerator if --config is given, else False).")
 
 
 def main(argv):
@@ -66,6 +69,13 @@ def main(argv):
     return 2
   from lintunet_jax.evaluation import report as evaluation  # pylint: disable=import-outside-toplevel
   from lintunet_jax.evaluation import prediction  # pylint: disable=import-outside-toplevel
+  from lintunet_jax.training import parallel  # pylint: disable=import-outside-toplevel
+  try:
+    print(parallel.format_platform(parallel.check_accelerator(
+        _CONFIG.value, required=_REQUIRE_ACCELERATOR.value)))
+  except parallel.NoAcceleratorError as e:
+    print(f'predict.py: error: {e}', file=sys.stderr)
+    return 2
   try:
     files, skipped, _ = prediction.collect_inputs(inputs, recursive=_RECURSIVE.value)
   except paths.UnsupportedPathError as e:

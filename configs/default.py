@@ -124,10 +124,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.async_checkpointing = True  # write checkpoints while training goes on
   config.progress_bar = True  # tqdm bar on process 0 (step, loss, images/s, ETA)
 
-  # Multi-host: jax.distributed.initialize() before anything (also done when
-  # JAX_COORDINATOR_ADDRESS is set). None: JAX's auto-detection (Cloud TPU,
-  # SLURM, Open MPI); set all three for a hand-made cluster.
-  config.distributed = False
+  # Multi-host (docs/training.md): None joins the other processes with
+  # jax.distributed.initialize() when a launcher started several (SLURM
+  # srun, Open MPI, a Cloud TPU VM's workers, JAX_COORDINATOR_ADDRESS with
+  # JAX_NUM_PROCESSES / JAX_PROCESS_ID); True always, False never. The three
+  # fields below replace JAX's auto-detection for a hand-made cluster.
+  config.distributed = ml_collections.config_dict.placeholder(bool)
   config.coordinator_address = ml_collections.config_dict.placeholder(str)  # 'host:port'
   config.num_processes = ml_collections.config_dict.placeholder(int)
   config.process_id = ml_collections.config_dict.placeholder(int)

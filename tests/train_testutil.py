@@ -116,7 +116,12 @@ def env(devices: int = 1, cache: str | None = None, **extra) -> dict[str, str]:
   result['PYTHONPATH'] = os.pathsep.join(
       [str(ROOT)] + [p for p in result.get('PYTHONPATH', '').split(os.pathsep) if p])
   result['PYTHONUNBUFFERED'] = '1'
-  result.pop('JAX_COORDINATOR_ADDRESS', None)
+  # No launcher of the machine running the tests (a SLURM job, a TPU VM's
+  # worker list) may turn a test's process into one of a cluster.
+  for name in ('JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES', 'JAX_PROCESS_ID',
+               'SLURM_JOB_ID', 'OMPI_COMM_WORLD_SIZE', 'TPU_PROCESS_ADDRESSES',
+               'TPU_WORKER_HOSTNAMES'):
+    result.pop(name, None)
   if cache:
     result['JAX_COMPILATION_CACHE_DIR'] = cache
     result['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
@@ -133,15 +138,20 @@ class Run:
   """
 
   def __init__(self, workdir, flags: list[str], *, cache: str | None = None,
-               devices: int = 1):
+               devices: int = 1, extra_env: dict | None = None,
+               log_name: str | None = None):
+    """extra_env: more environment variables; log_name: the output files'
+    name beside the workdir (default: the workdir's), for several
+    processes of one run."""
     self.workdir = str(workdir)
     os.makedirs(self.workdir, exist_ok=True)
-    self._out = open(os.path.join(self.workdir, '..', f'{os.path.basename(self.workdir)}.stdout'), 'w+')
-    self._err = open(os.path.join(self.workdir, '..', f'{os.path.basename(self.workdir)}.stderr'), 'w+')
+    log = os.path.join(self.workdir, '..', log_name or os.path.basename(self.workdir))
+    self._out = open(f'{log}.stdout', 'w+')
+    self._err = open(f'{log}.stderr', 'w+')
     self.proc = subprocess.Popen(
         [sys.executable, str(ROOT / 'train.py'), f'--workdir={self.workdir}', *flags],
-        env=env(devices, cache), cwd=str(ROOT), stdout=self._out, stderr=self._err,
-        text=True)
+        env=env(devices, cache, **(extra_env or {})), cwd=str(ROOT),
+        stdout=self._out, stderr=self._err, text=True)
 
   def wait(self, timeout: float = 300) -> subprocess.CompletedProcess:
     try:

@@ -36,7 +36,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from etils import epath
 from flax import nnx
 from PIL import Image
 

@@ -4,7 +4,8 @@
   state.py          the train state (model split into graph and variables)
   optim.py          optimizer and learning-rate schedule from the config
   losses.py         segmentation losses on logits, one value per example
-  parallel.py       the device mesh, sharding and multi-host set-up
+  parallel.py       the device mesh, sharding, the platform check
+  distributed.py    multi-process start-up, shared-storage checks, barriers
   checkpointing.py  the workdir and checkpoint layout (orbax)
   metric_logs.py    metrics.jsonl, TensorBoard and the progress bar
 

@@ -36,7 +36,6 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 from typing import Any, Callable, Mapping
 
 import jax

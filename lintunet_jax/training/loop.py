@@ -37,6 +37,7 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from lintunet_jax.training import checkpointing
+from lintunet_jax.training import distributed
 from lintunet_jax.data import pipeline as input_pipeline
 from lintunet_jax.training import metric_logs as logging_utils
 from lintunet_jax.training import losses
@@ -71,7 +72,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 
 class TrainingInterrupted(RuntimeError):
-  """SIGTERM: a checkpoint of the current step was saved, then training stopped."""
+  """Preempted (SIGTERM): a checkpoint of `step` was saved, then training stopped."""
+
+  def __init__(self, message: str, step: int):
+    super().__init__(message)
+    self.step = step
 
 
 # ---------------------------------------------------------------- steps
@@ -255,10 +260,21 @@ def _interval(value: int, steps_per_epoch: int) -> int:
   return steps_per_epoch if value is None or value <= 0 else int(value)
 
 
-class _SigtermFlag:
-  """Set on SIGTERM (single-process runs): save a checkpoint, then stop."""
+class _Preemption:
+  """Has this run been asked to stop? Asked once per step, on every process.
 
-  def __init__(self):
+  One process: a SIGTERM handler sets a flag; the loop saves the step it is
+  at and stops. Several processes: the SIGTERM may reach only some of them,
+  in the middle of different steps, so each cannot just stop where it is.
+  `jax.distributed.initialize()` installed JAX's preemption notifier (it
+  catches SIGTERM on any host and tells the others), and orbax's
+  `CheckpointManager.reached_preemption(step)` becomes True on every host at
+  the same step (the largest step any host had reached, plus one), which all
+  then save. No Python handler is installed there: it would replace JAX's.
+  """
+
+  def __init__(self, manager):
+    self._manager = manager
     self.received = False
     self._previous = None
     if jax.process_count() == 1:
@@ -270,6 +286,12 @@ class _SigtermFlag:
   def _handle(self, signum, frame):
     del signum, frame
     self.received = True
+
+  def reached(self, step: int) -> bool:
+    """Whether to save `step` and stop; call it at every step, in order."""
+    # Called on every process (orbax agrees on the step only if all do).
+    agreed = self._manager.reached_preemption(step)
+    return self.received or agreed
 
   def restore(self):
     if self._previous is not None:
@@ -323,9 +345,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   paths.check(workdir, 'workdir')
   if config.dataset.get('data_dir'):
     paths.check(config.dataset.data_dir, 'config.dataset.data_dir')
-  parallel.maybe_initialize_distributed(config)
+  distributed.maybe_initialize_distributed(config)
   parallel.check_accelerator(config)
   check_config(config)
+  distributed.check_shared_workdir(workdir)
   config = parallel.resolve_batch_sizes(config)
   is_main = jax.process_index() == 0
   mesh = parallel.create_mesh()
@@ -335,7 +358,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                jax.device_count(), jax.devices()[0].device_kind,
                jax.process_count(), config.batch_size, local_batch)
 
-  input_pipeline.prepare_dataset(config)
+  # Once per shared data_dir: process 0 prepares, the others then reuse it
+  # (or, with a host-local data_dir, prepare their own copy).
+  distributed.main_process_first(lambda: input_pipeline.prepare_dataset(config),
+                                 'prepare the dataset')
   num_train = input_pipeline.num_examples(config, config.dataset.train_split)
   steps_per_epoch, total_steps = _schedule_lengths(config, num_train)
   eval_every = _interval(config.eval_every_steps, steps_per_epoch)
@@ -385,7 +411,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   input_wait = 0.0  # seconds blocked on the input iterator this interval
   bar = logging_utils.progress_bar(total_steps, step,
                                    enabled=is_main and config.get('progress_bar', True))
-  sigterm = _SigtermFlag()
+  preemption = _Preemption(manager)
+  preempted = False
   skipped_in_a_row = 0  # non-finite steps since the last applied one
 
   def flush_pending() -> None:
@@ -472,7 +499,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           logging.info(summary)
         else:
           bar.write(summary)
-      stop = sigterm.received
+      stop = preemption.reached(step) and not is_last
+      preempted = preempted or stop
       if step % ckpt_every == 0 or do_eval or is_last or stop:
         flush_pending()  # stop before saving if the skipped steps hit the limit
         writer.flush()  # the log holds every record up to the saved step
@@ -490,10 +518,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     manager.close()
     bar.close()
     writer.close()
-    sigterm.restore()
+    preemption.restore()
     _close(train_iter)
-  if sigterm.received:
+  if preempted:
     raise TrainingInterrupted(
-        f'stopped by SIGTERM after saving a checkpoint at step {step}; run the '
-        'same command again to resume')
+        f'preempted (SIGTERM): saved a checkpoint of step {step} (process '
+        f'{jax.process_index()} of {jax.process_count()}) and stopped; run the '
+        'same command again to resume', step)
   return last_eval

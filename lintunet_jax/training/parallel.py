@@ -10,6 +10,8 @@ run with `jax.shard_map` under `jax.jit` over a one-axis mesh named
     (`batch_sharding(mesh)`); each process feeds only its own rows
     (`shard_batch`), which become one global `jax.Array`.
 
+Multi-process start-up (jax.distributed) is in `distributed.py`.
+
 Usage (what `train_lib` and `eval.py` do):
 
   mesh = parallel.create_mesh()
@@ -30,41 +32,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = 'data'
 
-_distributed_initialized = False
-
 
 class BatchSizeError(ValueError):
   """A batch size that does not split over the devices/processes."""
-
-
-def maybe_initialize_distributed(config=None) -> bool:
-  """Calls `jax.distributed.initialize()` when the config or environment asks.
-
-  Multi-process (multi-host) runs are detected from `config.distributed`
-  (True) or the environment variable `JAX_COORDINATOR_ADDRESS`. The
-  optional config fields `coordinator_address`, `num_processes` and
-  `process_id` are passed through (None: JAX's cluster auto-detection, as on
-  Cloud TPU VMs, SLURM or Open MPI). CPU collectives use gloo, so the same
-  code runs several CPU processes on one machine (the multi-host test).
-  Must run before anything touches a device. Returns whether it initialised.
-  """
-  global _distributed_initialized
-  wanted = bool(config is not None and config.get('distributed', False))
-  wanted = wanted or bool(os.environ.get('JAX_COORDINATOR_ADDRESS'))
-  if not wanted or _distributed_initialized:
-    return _distributed_initialized
-  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  kwargs = {}
-  if config is not None:
-    for name in ('coordinator_address', 'num_processes', 'process_id'):
-      if config.get(name) is not None:
-        kwargs[name] = config.get(name)
-  jax.distributed.initialize(**kwargs)
-  _distributed_initialized = True
-  logging.info('jax.distributed initialised: process %d of %d, %d devices '
-               '(%d local)', jax.process_index(), jax.process_count(),
-               jax.device_count(), jax.local_device_count())
-  return True
 
 
 def create_mesh(devices: Sequence[jax.Device] | None = None,
@@ -167,14 +137,27 @@ class NoAcceleratorError(RuntimeError):
   """JAX fell back to the CPU where a GPU or TPU was required."""
 
 
-def check_accelerator(config) -> dict[str, Any]:
-  """Logs the platform; raises when `config.require_accelerator` is unmet."""
+def format_platform(info: dict[str, Any]) -> str:
+  """One line for the start-up log of train.py, eval.py and predict.py."""
+  return (f'JAX {jax.__version__} on {info["platform"]}: {info["device_count"]} x '
+          f'{info["device_kind"]} ({info["local_device_count"]} local) in '
+          f'{info["process_count"]} process(es)')
+
+
+def check_accelerator(config=None, *, required: bool | None = None) -> dict[str, Any]:
+  """Logs the platform; raises when an accelerator is required but absent.
+
+  required: None reads `config.require_accelerator` (training recipes set
+  it); eval.py and predict.py pass their own choice.
+  """
   info = describe_platform()
-  logging.info('JAX platform %s: %d x %s in %d process(es)', info['platform'],
-               info['device_count'], info['device_kind'], info['process_count'])
-  if config.get('require_accelerator', False) and info['platform'] == 'cpu':
+  logging.info('%s', format_platform(info))
+  if required is None:
+    required = bool(config is not None and config.get('require_accelerator', False))
+  if required and info['platform'] == 'cpu':
     raise NoAcceleratorError(
-        'config.require_accelerator is set but JAX found only the CPU '
+        'an accelerator is required (config.require_accelerator, or '
+        'eval.py/predict.py --require_accelerator) but JAX found only the CPU '
         f'({jax.__version__}, backends tried: JAX_PLATFORMS='
         f'{os.environ.get("JAX_PLATFORMS", "") or "auto"}). Install the '
         'accelerator build of JAX (README: "Installing for GPUs and TPUs": '

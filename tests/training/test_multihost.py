@@ -25,14 +25,14 @@ from tests import train_testutil as tu
 CODE = textwrap.dedent('''
     import json, sys
     num_processes, process_id, port, workdir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
-    from lintunet_jax.training import parallel
+    from lintunet_jax.training import distributed, parallel
     from tests import train_testutil as tu
     config = tu.tiny_config('/unused', loss='bce_dice')
     if num_processes > 1:
       config.distributed = True
       config.coordinator_address = f'localhost:{port}'
       config.num_processes, config.process_id = num_processes, process_id
-    parallel.maybe_initialize_distributed(config)
+    distributed.maybe_initialize_distributed(config)
 
     import jax, numpy as np
     from lintunet_jax.training import checkpointing, optim, loop as train_lib
