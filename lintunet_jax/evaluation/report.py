@@ -394,8 +394,8 @@ def restore(workdir: str, checkpoint: str | int | None,
             f'cannot apply --config.{key}={value!r} to the config of '
             f'{workdir!r}: {e}') from None
     try:
+      models.check_backend(loaded.model)  # first: a config without a model says so
       input_pipeline.check_config(loaded)
-      models.check_backend(loaded.model)
     except ValueError as e:
       raise EvaluationError(str(e)) from None
     return loaded
