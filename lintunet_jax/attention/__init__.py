@@ -3,7 +3,7 @@
   masks.py       functional patterns `(q_index, kv_index) -> bool`, composable
   layout.py      a mask -> empty / partial / full tiles, once per shape (cached)
   xla.py         dense (reference) and block-sparse attention as XLA ops
-  pallas.py      the block-sparse maths as fused Pallas (GPU) kernels, opt-in
+  pallas.py      the block-sparse maths as fused Pallas (GPU) kernels, the GPU default
   bottleneck.py  the NNX modules LinTUNet puts between encoder and decoder
 
 Imports only itself, JAX, Flax and NumPy (tests/test_dependencies.py).

@@ -252,8 +252,8 @@ def resolve_kernel(kernel: str, layout: layout_lib.BlockLayout,
 # gathers within a core's L2 + its share of L3; wider query tiles (32, 64)
 # did not pay for their extra key tiles; extra lanes showed no gain on the
 # shared 2-core machine we could measure on. GPU/TPU run every group as one
-# batched op; on GPU the fused Pallas kernels (`kernel='pallas'`) are the
-# alternative, opt-in until they have been timed there.
+# batched op, and on GPU `kernel='auto'` hands suitable layouts to the
+# fused Pallas kernels instead (`resolve_kernel`).
 SCHEDULES: dict[str, Schedule] = {'cpu': Schedule(chunk_bytes=2 << 20)}
 _schedule_overrides: list[dict] = []
 
