@@ -81,7 +81,8 @@ def test_evaluation_reproduces_the_logged_validation(workdir, tmp_path, tmp_path
   report_path = tmp_path / 'report.json'
   report = evaluation.run(str(workdir), checkpoint='best', split='validation',
                           config=config, report_path=str(report_path),
-                          num_overlays=2, measure_throughput=False)
+                          num_overlays=2, measure_throughput=False,
+                          resolution='model')  # the training log's convention
   logged = _logged_eval()
   metrics = report['metrics']
   assert report['checkpoint']['step'] == STEP
