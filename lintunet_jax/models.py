@@ -47,6 +47,7 @@ class UNet(nnx.Module):
     kw = dict(dtype=dtype, bn_axis_name=bn_axis_name, rngs=rngs)
     up = dict(kw, concat=decoder_concat)
     self.num_classes = num_classes
+    self.in_channels = in_channels
     self.enc1 = layers.Down(in_channels, w, **kw)
     self.enc2 = layers.Down(w, 2 * w, **kw)
     self.enc3 = layers.Down(2 * w, 4 * w, **kw)
@@ -65,7 +66,7 @@ class UNet(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: [B, H, W, C] float -> float32 logits [B, H, W, num_classes]."""
-    _check_spatial(x)
+    _check_images(x, self.in_channels)
     x = x.astype(self.dtype)
     s1, x = self.enc1(x)
     s2, x = self.enc2(x)
@@ -105,9 +106,15 @@ class LinTUNet(UNet):
     return self.attention(x)
 
 
-def _check_spatial(x: jax.Array) -> None:
+def _check_images(x: jax.Array, in_channels: int) -> None:
+  """ValueErrors a caller can act on, where XLA would raise a shape error
+  from inside the first convolution."""
   if x.ndim != 4:
     raise ValueError(f'expected NHWC images [B, H, W, C], got shape {x.shape}')
+  if x.shape[3] != in_channels:
+    raise ValueError(
+        f'images have {x.shape[3]} channels (shape {x.shape}) but the model takes '
+        f'model.in_channels={in_channels}')
   h, w = x.shape[1:3]
   if h % DOWNSAMPLING or w % DOWNSAMPLING:
     raise ValueError(

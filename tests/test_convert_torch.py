@@ -19,6 +19,7 @@ import pickle
 import subprocess
 import sys
 
+import chex
 import numpy as np
 import pytest
 
@@ -288,9 +289,8 @@ def test_loads_bare_and_nested_state_dicts(tmp_path, small_unet_state, wrap):
   path = tmp_path / 'c.pth'
   torch.save(wrap(small_unet_state), path)
   state = convert_torch.load_state_dict(path)
-  assert set(state) == set(small_unet_state)
-  key = 'final_conv.weight'
-  np.testing.assert_array_equal(state[key], small_unet_state[key].numpy())
+  # Every tensor under its own key, unchanged (chex names a key that differs).
+  chex.assert_trees_all_equal(state, {k: v.numpy() for k, v in small_unet_state.items()})
 
 
 def test_half_precision_checkpoints_load_as_float32(tmp_path, small_unet_state):

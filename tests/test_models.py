@@ -97,6 +97,9 @@ def test_bad_inputs_are_rejected_clearly():
     model(jnp.ones((1, 40, 32, 1)))
   with pytest.raises(ValueError, match='NHWC'):
     model(jnp.ones((32, 32, 1)))
+  # RGB images into a one-channel model: named, not XLA's conv shape error.
+  with pytest.raises(ValueError, match=r'images have 3 channels .* model.in_channels=1'):
+    model(jnp.ones((1, 32, 32, 3)))
   config = _tiny(unet_config.get_config())
   config.dtype = 'float16'
   with pytest.raises(ValueError, match='model.dtype'):

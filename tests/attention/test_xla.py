@@ -1,5 +1,7 @@
 """Block-sparse attention against dense masked softmax on fresh random inputs."""
 
+from absl.testing import parameterized
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,39 +30,48 @@ def _case(name, n):
   return masks.bind_grid(PATTERNS[name], grid_width=int(np.sqrt(n)) or 1)
 
 
-@pytest.mark.parametrize('name', sorted(PATTERNS))
-@pytest.mark.parametrize('n, block', [(64, 16), (100, 16), (144, 32)])
-@pytest.mark.parametrize('global_len', [0, 5], ids=['sparse', 'linformer_sparse'])
-def test_forward_matches_dense(name, n, block, global_len):
-  mask = _case(name, n)
-  (q, k, v), global_kv = random_inputs(n, global_len=global_len)
-  ref = ak.dense_attention(q, k, v, mask=dense_mask(mask, n), global_kv=global_kv)
-  out = jax.jit(lambda q, k, v, g: ak.block_sparse_attention(
-      q, k, v, mask=mask, block_size=block, global_kv=g))(q, k, v, global_kv)
-  assert out.shape == q.shape and out.dtype == q.dtype
-  assert rel_err(out, ref) <= TOL
+class KernelMatchesDenseTest(chex.TestCase):
+  """Forward and gradients, each run jitted and op by op (chex.variants).
 
+  Jitted catches trace-time bugs (a Python branch on, or a host read of, a
+  traced value); op by op is the path of jax.disable_jit() and of eager
+  callers, which the forward test did not run before."""
 
-@pytest.mark.parametrize('name', ['local_1d', 'global_tokens', 'local_2d', 'strided'])
-@pytest.mark.parametrize('global_len', [0, 4], ids=['sparse', 'linformer_sparse'])
-def test_gradients_match_dense(name, global_len):
-  n, block = 81, 16
-  mask = _case(name, n)
-  (q, k, v), global_kv = random_inputs(n, global_len=global_len)
-  cotangent = jnp.asarray(RNG.standard_normal(q.shape), jnp.float32)
-  allowed = dense_mask(mask, n)
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.product(name=sorted(PATTERNS), n_block=[(64, 16), (100, 16), (144, 32)],
+                         global_len=[0, 5])
+  def test_forward_matches_dense(self, name, n_block, global_len):
+    n, block = n_block
+    mask = _case(name, n)
+    (q, k, v), global_kv = random_inputs(n, global_len=global_len)
+    ref = ak.dense_attention(q, k, v, mask=dense_mask(mask, n), global_kv=global_kv)
+    out = self.variant(lambda q, k, v, g: ak.block_sparse_attention(
+        q, k, v, mask=mask, block_size=block, global_kv=g))(q, k, v, global_kv)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert rel_err(out, ref) <= TOL
 
-  def loss(fn):
-    return lambda *args: jnp.sum(fn(*args) * cotangent)
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.product(name=['local_1d', 'global_tokens', 'local_2d', 'strided'],
+                         global_len=[0, 4])
+  def test_gradients_match_dense(self, name, global_len):
+    n, block = 81, 16
+    mask = _case(name, n)
+    (q, k, v), global_kv = random_inputs(n, global_len=global_len)
+    cotangent = jnp.asarray(RNG.standard_normal(q.shape), jnp.float32)
+    allowed = dense_mask(mask, n)
 
-  dense = loss(lambda q, k, v, g: ak.dense_attention(q, k, v, mask=allowed, global_kv=g))
-  sparse = loss(lambda q, k, v, g: ak.block_sparse_attention(
-      q, k, v, mask=mask, block_size=block, global_kv=g))
-  argnums = (0, 1, 2, 3) if global_kv else (0, 1, 2)
-  ref = jax.grad(dense, argnums)(q, k, v, global_kv)
-  out = jax.jit(jax.grad(sparse, argnums))(q, k, v, global_kv)
-  for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ref)):
-    assert rel_err(a, b) <= TOL
+    def loss(fn):
+      return lambda *args: jnp.sum(fn(*args) * cotangent)
+
+    dense = loss(lambda q, k, v, g: ak.dense_attention(q, k, v, mask=allowed, global_kv=g))
+    sparse = loss(lambda q, k, v, g: ak.block_sparse_attention(
+        q, k, v, mask=mask, block_size=block, global_kv=g))
+    argnums = (0, 1, 2, 3) if global_kv else (0, 1, 2)
+    ref = jax.grad(dense, argnums)(q, k, v, global_kv)
+    out = self.variant(jax.grad(sparse, argnums))(q, k, v, global_kv)
+    chex.assert_trees_all_equal_structs(out, ref)
+    for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ref)):
+      assert rel_err(a, b) <= TOL
 
 
 def test_dense_kernel_matches_numpy_softmax():
