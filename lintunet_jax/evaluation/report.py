@@ -94,6 +94,9 @@ class EvalOutput:
   # Up to `num_samples` examples for overlays: image [n,S,S,C] float32,
   # mask [n,S,S] int32, prediction [n,S,S] int32, index [n] int32.
   samples: dict[str, np.ndarray] | None = None
+  # resolution='native' only: every image's own counts, for paired
+  # comparisons between models (`evaluate_native`'s `per_image`).
+  per_image: dict[str, np.ndarray] | None = None
   notes: list[str] = dataclasses.field(default_factory=list)
 
 
@@ -145,6 +148,22 @@ def _sum_over_processes(totals: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   return {k: np.sum(np.asarray(v), axis=0) for k, v in gathered.items()}
 
 
+PER_IMAGE_KEYS = ('tp', 'fp', 'fn', 'tn')
+
+
+def _gather_per_image(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Every process's per-image rows, padding (index -1) dropped, sorted by
+  index. Each process holds the same number of rows (whole padded batches),
+  so they stack."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    gathered = multihost_utils.process_allgather(rows)
+    rows = {k: np.concatenate(list(np.asarray(v))) for k, v in gathered.items()}
+  order = np.argsort(rows['index'], kind='stable')
+  keep = order[rows['index'][order] >= 0]
+  return {k: np.asarray(v)[keep] for k, v in rows.items()}
+
+
 def evaluate_native(eval_step, variables, batches: Iterable[Mapping[str, Any]],
                     mesh: jax.sharding.Mesh,
                     config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -155,33 +174,50 @@ def evaluate_native(eval_step, variables, batches: Iterable[Mapping[str, Any]],
   brought back with `restore_mask_size` (predict.py's path) and counted
   against the stored mask with `metrics.class_counts`, on the host; the
   loss stays the model-resolution one of the eval step.
+
+  The result also holds `per_image`: each image's own counts, which paired
+  comparisons between models need (the totals cannot give a per-image
+  difference): `index` int64 [n] (position in the split, ascending) and
+  `tp`, `fp`, `fn`, `tn` int64 [n, K] (K as in `class_counts`).
   """
   accumulator = metrics_lib.MetricAccumulator()
   loss_sum, loss_count = 0.0, 0.0
   pending = []
   num_classes = config.model.num_classes
+  per_image: dict[str, list] = {k: [] for k in ('index', *PER_IMAGE_KEYS)}
+  num_counts = 1 if num_classes == 1 else num_classes
 
   def drain(item):
     nonlocal loss_sum, loss_count
-    (outputs, classes), native, valid = item
+    (outputs, classes), native, valid, index = item
     _, (ls, lc) = train_lib.split_eval_outputs(parallel.to_host(outputs))
     loss_sum, loss_count = loss_sum + float(ls), loss_count + float(lc)
     classes = _local_rows(classes)
-    for i in np.flatnonzero(valid):
+    for i in range(len(valid)):
+      if not valid[i]:  # padding: a placeholder row, so processes stack
+        per_image['index'].append(-1)
+        for key in PER_IMAGE_KEYS:
+          per_image[key].append(np.zeros(num_counts, np.int64))
+        continue
       truth = native[i]
       predicted = input_pipeline.restore_mask_size(classes[i], truth.shape[:2],
                                                    config)
-      accumulator.add(metrics_lib.class_counts(
+      counts = metrics_lib.class_counts(
           predicted[None], truth[None], np.ones(1, np.float32),
-          num_classes=num_classes, xp=np))
+          num_classes=num_classes, xp=np)
+      accumulator.add(counts)
+      per_image['index'].append(int(index[i]))
+      for key in PER_IMAGE_KEYS:
+        per_image[key].append(np.asarray(counts[key], np.int64))
 
   for local_batch in batches:
     local_batch = dict(local_batch)
     native = local_batch.pop('native_mask')
     valid = np.asarray(local_batch['valid']) > 0
+    index = np.asarray(local_batch['index'])
     local_batch = train_lib.pad_local_batch(local_batch, jax.local_device_count())
     pending.append((eval_step(variables, parallel.shard_batch(mesh, local_batch)),
-                    native, valid))
+                    native, valid, index))
     if len(pending) > 2:  # bound the device queue, keep it busy
       drain(pending.pop(0))
   for item in pending:
@@ -189,6 +225,9 @@ def evaluate_native(eval_step, variables, batches: Iterable[Mapping[str, Any]],
   totals = _sum_over_processes(accumulator.totals)
   result = metrics_lib.compute_metrics(totals)
   result['loss'] = loss_sum / max(loss_count, 1.0)
+  result['per_image'] = _gather_per_image({
+      'index': np.asarray(per_image['index'], np.int64),
+      **{k: np.stack(per_image[k]).astype(np.int64) for k in PER_IMAGE_KEYS}})
   return result
 
 
@@ -201,9 +240,10 @@ def evaluate(model: nnx.Module, config: ml_collections.ConfigDict, split: str,
   resolution='model' runs `train_lib.evaluate` with
   `train_lib.make_eval_step`: the loop and step of training validation, so
   its numbers are the training log's. 'native' (the default) runs the same
-  step and counts each image at its own size (`evaluate_native`). The
-  first `num_samples` examples (in split order) are kept with their
-  predictions for overlays.
+  step and counts each image at its own size (`evaluate_native`), and also
+  returns each image's counts (`EvalOutput.per_image`). The first
+  `num_samples` examples (in split order) are kept with their predictions
+  for overlays.
   """
   if resolution not in RESOLUTIONS:
     raise EvaluationError(f'resolution must be one of {tuple(RESOLUTIONS)}, '
@@ -245,6 +285,7 @@ def evaluate(model: nnx.Module, config: ml_collections.ConfigDict, split: str,
       bar.close()
   seconds = time.perf_counter() - start
   loss = result.pop('loss', None)
+  per_image = result.pop('per_image', None)
   notes = []
   if result['num_images'] != total:
     notes.append(f"evaluated {result['num_images']} images but split "
@@ -257,7 +298,7 @@ def evaluate(model: nnx.Module, config: ml_collections.ConfigDict, split: str,
         metrics_lib.predict_classes(logits, config.threshold))
   return EvalOutput(metrics=result, loss=loss, seconds=seconds,
                     batch_size=batch_size, resolution=resolution,
-                    samples=sample_arrays, notes=notes)
+                    samples=sample_arrays, per_image=per_image, notes=notes)
 
 
 # ----------------------------------------------------------------------------

@@ -9,6 +9,8 @@ of a program that imports it.
   map over the dimmed image (binary: true positive green, false positive
   red, false negative blue; multi-class: correct foreground green, wrong
   pixels red).
+* `save_comparison`: several models' error maps on the same images, one
+  row per image (benchmarks/seed_table.py's disagreements).
 * `plot_training_curves`: loss and IoU against step, for train and
   validation, from the training log `DIR/metrics.jsonl` (read with
   `logging_utils.read_metrics`; its `type` field tells train from eval).
@@ -127,10 +129,10 @@ def save_overlay(path: str | os.PathLike, image: np.ndarray,
   if title:
     fig.suptitle(title, fontsize=10)
   fig.tight_layout()
-  return _save_png(fig, path)
+  return save_figure(fig, path)
 
 
-def _save_png(fig: Figure, path: str | os.PathLike) -> str:
+def save_figure(fig: Figure, path: str | os.PathLike) -> str:
   """Renders `fig` as PNG to `path` (local or gs://); returns the path."""
   path = os.fspath(path)
   paths.check(path, 'picture path').parent.mkdir(parents=True, exist_ok=True)
@@ -138,6 +140,40 @@ def _save_png(fig: Figure, path: str | os.PathLike) -> str:
   fig.savefig(buffer, format='png')
   paths.write_bytes(path, buffer.getvalue())
   return path
+
+
+def save_comparison(path: str | os.PathLike,
+                    cases: Sequence[tuple[str, np.ndarray, np.ndarray,
+                                          dict[str, np.ndarray]]],
+                    *, num_classes: int = 2, title: str | None = None) -> str:
+  """One PNG comparing models on the same images, one row per case.
+
+  `cases`: (row title, image, ground truth, {model name: prediction}), all
+  at the image's size. Columns: the image, the ground truth over it, then
+  each model's error map (as in `save_overlay`) with its IoU on the image.
+  """
+  names = list(cases[0][3]) if cases else []
+  columns = 2 + len(names)
+  fig = Figure(figsize=(2.6 * columns, 2.8 * max(len(cases), 1)), dpi=100)
+  FigureCanvasAgg(fig)
+  for r, (row_title, image, label, predictions) in enumerate(cases):
+    rgb = _display_image(image)
+    panels = [(row_title, rgb), ('ground truth', blend_mask(rgb, label, num_classes))]
+    for name in names:
+      errors = error_map(label, predictions[name], num_classes)
+      errors = np.where(errors.any(axis=-1, keepdims=True), errors, 0.3 * rgb)
+      iou = image_iou(label, predictions[name])
+      panels.append((f'{name}\nIoU {"n/a" if iou is None else f"{iou:.3f}"}',
+                     errors))
+    for c, (name, panel) in enumerate(panels):
+      ax = fig.add_subplot(len(cases), columns, r * columns + c + 1)
+      ax.imshow(panel, interpolation='nearest')
+      ax.set_title(name, fontsize=8)
+      ax.axis('off')
+  if title:
+    fig.suptitle(title, fontsize=10)
+  fig.tight_layout()
+  return save_figure(fig, path)
 
 
 def save_overlays(out_dir: str | os.PathLike, images: np.ndarray,
@@ -253,4 +289,4 @@ def plot_training_curves(workdir: str | os.PathLike, out_path: str | os.PathLike
   if title:
     fig.suptitle(title)
   fig.tight_layout()
-  return _save_png(fig, out_path)
+  return save_figure(fig, out_path)

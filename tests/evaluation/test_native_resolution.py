@@ -166,3 +166,30 @@ def test_model_resolution_never_counts_the_padding(run):
   assert report['resolution'] == 'model'
   _check(report, expected)
   assert dict(evaluation.table_rows(report))['Counted at'] == f'model {SIZE}x{SIZE}'
+
+
+def test_native_per_image_counts_are_each_images_own(run):
+  """Per-image counts (for paired comparisons), keyed by the split index,
+  against sklearn's confusion matrix of each image at its own size."""
+  expected = {}
+  for i, ((image, mask), canvas) in enumerate(zip(run['pairs'], run['classes'])):
+    top, left, h, w = _placement(image, run['config'])
+    pred = _nearest(canvas[top:top + h, left:left + w], *mask.shape)
+    c = skm.confusion_matrix(mask.ravel(), pred.ravel(), labels=[0, 1])
+    expected[i] = {'tn': c[0, 0], 'fp': c[0, 1], 'fn': c[1, 0], 'tp': c[1, 1]}
+  # The split stores examples in its own order: its i-th image is the file
+  # of that size (every test size differs).
+  stored = input_pipeline.prepare_dataset(run['config']).as_data_source('test')
+  file_of = [TEST_SIZES.index(stored[i]['mask'].shape[:2])
+             for i in range(len(TEST_SIZES))]
+  assert sorted(file_of) == list(range(len(TEST_SIZES)))
+  _, model, _, _ = evaluation.restore(run['workdir'], 'latest')
+  output = evaluation.evaluate(model, run['config'], 'test')  # batches of 4: padded
+  per_image = output.per_image
+  np.testing.assert_array_equal(per_image['index'], np.arange(len(TEST_SIZES)))
+  for key in ('tp', 'fp', 'fn', 'tn'):
+    assert per_image[key].shape == (len(TEST_SIZES), 1)
+    np.testing.assert_array_equal(
+        per_image[key][:, 0], [expected[f][key] for f in file_of], err_msg=key)
+  assert evaluation.evaluate(model, run['config'], 'test',
+                             resolution='model').per_image is None
