@@ -75,13 +75,44 @@ def get_dataset_config() -> ml_collections.ConfigDict:
   ds.num_workers = 2
   ds.prefetch = 2
   ds.num_train_examples = ml_collections.config_dict.placeholder(int)  # subset
+  # Patch training at native resolution, as nnU-Net trains: with patch_size
+  # set, training batches are random patch_size x patch_size crops of each
+  # image at its own size (nothing is resized; images smaller than a patch
+  # are padded), a foreground_fraction share of them centred on a foreground
+  # pixel. The model's input is then patch_size (`image_size` is not read),
+  # and whole images are predicted with the sliding window (`inference`).
+  ds.patch_size = ml_collections.config_dict.placeholder(int)
+  ds.foreground_fraction = 0.33
+  # Cross-validation (docs/training.md): with fold = K, the train split is cut
+  # into num_folds deterministic folds; fold K is validation, the others are
+  # trained on (eval_split is not read). The folds are written to
+  # DIR/splits.json; splits_file (a JSON in that layout) replaces them.
+  ds.fold = ml_collections.config_dict.placeholder(int)
+  ds.num_folds = 5
+  ds.splits_file = ml_collections.config_dict.placeholder(str)
   return ds
+
+
+def get_inference_config() -> ml_collections.ConfigDict:
+  """How whole images are predicted (eval.py, predict.py, the export)."""
+  inference = ml_collections.ConfigDict()
+  # Tiles of the model's input size slid over the image at its own size,
+  # blended with Gaussian weights (nnU-Net). None: on when the model was
+  # trained on patches (dataset.patch_size), else the image is resized to
+  # the model's size and the mask resized back.
+  inference.sliding_window = ml_collections.config_dict.placeholder(bool)
+  inference.overlap = 0.5  # share of a tile that overlaps its neighbour
+  inference.sigma_scale = 0.125  # Gaussian sigma / tile size (nnU-Net's 1/8)
+  inference.tile_batch_size = ml_collections.config_dict.placeholder(int)  # None: eval_batch_size
+  inference.tta = 'none'  # 'none' | 'flips' (mirror test-time augmentation)
+  return inference
 
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.model = get_model_config()
   config.dataset = get_dataset_config()
+  config.inference = get_inference_config()
 
   # The seed's recipe: Adam 1e-3, x0.1 every 10 epochs, clip 1.0, BCE, 40 ep.
   # (docs/training.md describes every training field.)

@@ -21,6 +21,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 from lintunet_jax import models
+from lintunet_jax.data import pipeline as input_pipeline
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Model config file.',
                                           lock_config=True)
@@ -95,7 +96,7 @@ def main(argv):
     raise app.UsageError('--config is required, e.g. --config configs/lintunet.py')
   model = models.create_model(config.model)
   model.eval()
-  size = config.dataset.image_size
+  size = input_pipeline.model_input_size(config)
   image_shape = (size, size, config.model.in_channels)
   print(f'{config.model.name} ({config.model.dtype}), input {list(image_shape)}')
   print(format_table(layer_rows(model, image_shape, _DEPTH.value)))

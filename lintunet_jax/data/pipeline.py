@@ -77,6 +77,14 @@ class _Settings:
 # --- Pre-processing: the one implementation, shared with predict.py. ------
 
 
+def model_input_size(config) -> int:
+  """The model's input edge: dataset.patch_size when training on patches at
+  native resolution, else dataset.image_size (what whole images are resized
+  or padded to). Configs saved before patch training lack patch_size."""
+  patch = config.dataset.get('patch_size')
+  return int(patch) if patch else int(config.dataset.image_size)
+
+
 def check_config(config) -> None:
   """Raises ValueError naming the field when config.dataset cannot feed
   config.model (image size, resize, normalisation, channels). Programs call

@@ -194,7 +194,7 @@ def predict_paths(model: nnx.Module, config: ml_collections.ConfigDict,
   out_dir.mkdir(parents=True, exist_ok=True)
   batch_size = int(batch_size or config.eval_batch_size)
   batch_size = max(1, min(batch_size, len(files)))
-  size = config.dataset.image_size
+  size = input_pipeline.model_input_size(config)
   shape = (size, size, config.model.in_channels)
   num_classes = config.model.num_classes
   forward = make_forward(model)

@@ -34,6 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lintunet_jax.data import pipeline as input_pipeline
+
 # Dense peak FLOP/s from vendor datasheets, per (device-kind substring, compute
 # dtype). For float32 on Ampere+/Hopper GPUs XLA's default matmul precision
 # uses TF32 tensor cores (see JAX's "Matmul precision" docs), so the TF32 peak
@@ -246,7 +248,7 @@ def inference_throughput(model: nnx.Module, config, *,
   `peak_flops` (FLOP/s of ONE device) overrides the built-in datasheet
   table; each entry's peak is it times the devices that entry used.
   """
-  size = config.dataset.image_size
+  size = input_pipeline.model_input_size(config)
   image_shape = (size, size, config.model.in_channels)
   if batch_sizes is None:
     batch_sizes = (1, 8, config.eval_batch_size)
@@ -327,7 +329,7 @@ def train_step_throughput(config, *, mesh: jax.sharding.Mesh,
   state = parallel.replicate(mesh, jax.device_get(
       train_state_lib.create_train_state(variables, optimizer, seed=seed)))
   step = train_lib.make_train_step(model_def, optimizer, mesh, loss=config.loss)
-  size = config.dataset.image_size
+  size = input_pipeline.model_input_size(config)
   rng = np.random.default_rng([seed, jax.process_index()])
   local = batch_size // jax.process_count()  # this process's rows
   batch = parallel.shard_batch(mesh, {
