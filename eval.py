@@ -9,6 +9,8 @@ image of the split once, times the jit-compiled forward pass at batch sizes
 1, 8 and the config's, and writes
 
   DIR/eval/<split>-<step>.json        the report (docs/evaluation.md)
+  DIR/eval/<split>-<step>.cases.json  per-case metrics, nnU-Net's summary.json
+                                      layout (native resolution only)
   DIR/eval/<split>-<step>/            overlays and training_curves.png
 
 and prints a table. DIR, PATH and DIR2 may be gs:// URLs (docs/evaluation.md).
@@ -21,7 +23,9 @@ default): the predicted mask is brought back exactly as predict.py writes it
 are comparable with published ones. `--resolution model` counts on the
 model's image_size canvas instead, as training validation does; padding
 added by `resize='pad'` is never counted. The report's `resolution` field
-and the table's "Counted at" row say which.
+and the table's "Counted at" row say which. At native resolution each image
+is also a case of per-case metrics (Dice, IoU, normalized surface Dice at
+`--nsd_tolerance` pixels, HD95), written in nnU-Net's summary.json layout.
 
 `--config.a.b=value` changes one field of the saved config, e.g.
 `--config.model.attention.kernel=xla` to evaluate off GPU a model trained
@@ -63,6 +67,12 @@ _RESOLUTION = flags.DEFINE_enum(
     "Where pixels are counted: 'native' (each image's own size, the predicted "
     "mask brought back as predict.py does) or 'model' (the model's "
     'image_size canvas, as training validation; padding never counted).')
+_NSD_TOLERANCE = flags.DEFINE_float(
+    'nsd_tolerance', 2.0, 'Tolerance of the normalized surface Dice in the '
+    "per-case metrics (--resolution native), in pixels of each image's own "
+    'size. Default 2: one pixel is the floor of any two delineations (hand '
+    'drawing, the nearest-neighbour resize back), and a thin structure only a '
+    'few pixels wide should not pass when off by its own width.', lower_bound=0.0)
 _COMPARE = flags.DEFINE_string(
     'compare', None, 'A second workdir, evaluated on the same split and shown '
     'side by side.')
@@ -124,7 +134,8 @@ def _evaluate(workdir: str, checkpoint: str | None, split: str | None, report: s
       throughput_batch_sizes=batch_sizes, throughput_runs=_TP_RUNS.value,
       throughput_warmup=_TP_WARMUP.value, measure_throughput=_THROUGHPUT.value,
       peak_flops=_PEAK_FLOPS.value, measure_train_step=_TRAIN_THROUGHPUT.value,
-      progress=_PROGRESS.value, resolution=_RESOLUTION.value, overrides=overrides)
+      progress=_PROGRESS.value, resolution=_RESOLUTION.value, overrides=overrides,
+      nsd_tolerance=_NSD_TOLERANCE.value)
 
 
 def main(argv):
@@ -165,6 +176,8 @@ def main(argv):
     for note in r.get('notes', []):
       print(f'note ({r["model"]["name"]}): {note}')
     print(f"\nreport: {r['report_path']}")
+    if r.get('per_case'):
+      print(f"per-case metrics: {r['per_case']['path']}")
     if r['artifacts'].get('overlays') or r['artifacts'].get('training_curves'):
       print(f"pictures: {r['artifacts']['folder']}")
   return 0

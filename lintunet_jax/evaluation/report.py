@@ -38,6 +38,7 @@ from lintunet_jax.training import metric_logs as logging_utils
 from lintunet_jax import metrics as metrics_lib
 from lintunet_jax import models
 from lintunet_jax.training import parallel
+from lintunet_jax.evaluation import case_metrics
 from lintunet_jax.evaluation import prediction
 from lintunet_jax.evaluation import throughput as throughput_lib
 from lintunet_jax.training import loop as train_lib
@@ -97,6 +98,9 @@ class EvalOutput:
   # resolution='native' only: every image's own counts, for paired
   # comparisons between models (`evaluate_native`'s `per_image`).
   per_image: dict[str, np.ndarray] | None = None
+  # resolution='native' only: per-case metrics, `case_metrics.summarize`'s
+  # layout (nnU-Net's summary.json), every process's cases.
+  per_case: dict[str, Any] | None = None
   notes: list[str] = dataclasses.field(default_factory=list)
 
 
@@ -166,7 +170,8 @@ def _gather_per_image(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def evaluate_native(eval_step, variables, batches: Iterable[Mapping[str, Any]],
                     mesh: jax.sharding.Mesh,
-                    config: ml_collections.ConfigDict) -> dict[str, Any]:
+                    config: ml_collections.ConfigDict,
+                    cases: case_metrics.CaseCollector | None = None) -> dict[str, Any]:
   """`train_lib.evaluate`, but counting each image at its own size.
 
   `eval_step` is `make_eval_step(..., predictions=True)`; batches come from
@@ -179,6 +184,9 @@ def evaluate_native(eval_step, variables, batches: Iterable[Mapping[str, Any]],
   comparisons between models need (the totals cannot give a per-image
   difference): `index` int64 [n] (position in the split, ascending) and
   `tp`, `fp`, `fn`, `tn` int64 [n, K] (K as in `class_counts`).
+  `cases`, when given, gets every image's predicted and true mask at native
+  size (`CaseCollector.add`: per-case Dice, NSD, HD95, on the host); the
+  caller gathers them (`cases.summary()`, on every process).
   """
   accumulator = metrics_lib.MetricAccumulator()
   loss_sum, loss_count = 0.0, 0.0
@@ -206,6 +214,8 @@ def evaluate_native(eval_step, variables, batches: Iterable[Mapping[str, Any]],
           predicted[None], truth[None], np.ones(1, np.float32),
           num_classes=num_classes, xp=np)
       accumulator.add(counts)
+      if cases is not None:
+        cases.add(int(index[i]), predicted, truth)
       per_image['index'].append(int(index[i]))
       for key in PER_IMAGE_KEYS:
         per_image[key].append(np.asarray(counts[key], np.int64))
@@ -234,14 +244,19 @@ def evaluate_native(eval_step, variables, batches: Iterable[Mapping[str, Any]],
 def evaluate(model: nnx.Module, config: ml_collections.ConfigDict, split: str,
              *, mesh: jax.sharding.Mesh | None = None,
              batch_size: int | None = None, num_samples: int = 0,
-             progress: bool = False, resolution: str = 'native') -> EvalOutput:
+             progress: bool = False, resolution: str = 'native',
+             nsd_tolerance: float = case_metrics.DEFAULT_TOLERANCE,
+             case_names: Sequence[str] | Mapping[int, str] | None = None
+             ) -> EvalOutput:
   """Metrics of `model` over every example of `split`, each counted once.
 
   resolution='model' runs `train_lib.evaluate` with
   `train_lib.make_eval_step`: the loop and step of training validation, so
   its numbers are the training log's. 'native' (the default) runs the same
   step and counts each image at its own size (`evaluate_native`), and also
-  returns each image's counts (`EvalOutput.per_image`). The first
+  returns each image's counts (`EvalOutput.per_image`) and per-case
+  metrics (`EvalOutput.per_case`: NSD at `nsd_tolerance` pixels, HD95;
+  cases named by `case_names[index]`, else by their index). The first
   `num_samples` examples (in split order) are kept with their predictions
   for overlays.
   """
@@ -270,10 +285,13 @@ def evaluate(model: nnx.Module, config: ml_collections.ConfigDict, split: str,
     bar = tqdm.tqdm(total=total // max(jax.process_count(), 1),
                     desc=f'eval {split}', unit='img', leave=False)
   samples: dict[str, list[np.ndarray]] = {'image': [], 'mask': [], 'index': []}
+  cases = (case_metrics.CaseCollector(num_classes=config.model.num_classes,
+                                      tolerance=nsd_tolerance, case_names=case_names)
+           if native else None)
   start = time.perf_counter()
   try:
     tapped = _tap(batches, samples, num_samples, bar)
-    result = (evaluate_native(eval_step, variables, tapped, mesh, config)
+    result = (evaluate_native(eval_step, variables, tapped, mesh, config, cases)
               if native else
               train_lib.evaluate(eval_step, variables, tapped, mesh))
   except ValueError as e:
@@ -283,6 +301,7 @@ def evaluate(model: nnx.Module, config: ml_collections.ConfigDict, split: str,
   finally:
     if bar is not None:
       bar.close()
+  per_case = cases.summary() if cases is not None else None
   seconds = time.perf_counter() - start
   loss = result.pop('loss', None)
   per_image = result.pop('per_image', None)
@@ -298,7 +317,8 @@ def evaluate(model: nnx.Module, config: ml_collections.ConfigDict, split: str,
         metrics_lib.predict_classes(logits, config.threshold))
   return EvalOutput(metrics=result, loss=loss, seconds=seconds,
                     batch_size=batch_size, resolution=resolution,
-                    samples=sample_arrays, per_image=per_image, notes=notes)
+                    samples=sample_arrays, per_image=per_image,
+                    per_case=per_case, notes=notes)
 
 
 # ----------------------------------------------------------------------------
@@ -307,6 +327,13 @@ def evaluate(model: nnx.Module, config: ml_collections.ConfigDict, split: str,
 
 def default_report_path(workdir: str, split: str, step: int) -> str:
   return os.fspath(epath.Path(workdir) / 'eval' / f'{split}-{step}.json')
+
+
+def cases_path(report_path: str) -> str:
+  """Per-case metrics file of a report: its path with '.cases.json' for
+  '.json' (DIR/eval/test-1250.cases.json)."""
+  root, ext = os.path.splitext(report_path)
+  return (root if ext == '.json' else report_path) + '.cases.json'
 
 
 def artifacts_dir(report_path: str) -> str:
@@ -469,6 +496,8 @@ def run(workdir: str, *, checkpoint: str | int | None = None,
         progress: bool = False, mesh: jax.sharding.Mesh | None = None,
         resolution: str = 'native',
         overrides: Mapping[str, Any] | None = None,
+        nsd_tolerance: float = case_metrics.DEFAULT_TOLERANCE,
+        case_names: Sequence[str] | Mapping[int, str] | None = None,
         ) -> dict[str, Any]:
   """Restore, evaluate, time, draw, and write the report; returns it.
 
@@ -477,7 +506,10 @@ def run(workdir: str, *, checkpoint: str | int | None = None,
   must still match it (restore fails clearly otherwise). `split` defaults
   to the config's `dataset.test_split`. `overrides` ({'a.b': value}, e.g.
   from `--config.a.b=value`) change fields of that config (see `restore`).
-  `resolution`: where pixels are counted, a key of `RESOLUTIONS`. Only
+  `resolution`: where pixels are counted, a key of `RESOLUTIONS`. At
+  native resolution the per-case metrics (NSD at `nsd_tolerance` pixels,
+  cases named by `case_names[index]` or their index) go to
+  `cases_path(report_path)`, recorded in `report['per_case']`. Only
   process 0 writes files.
   """
   if report_path:  # a bad URL fails before minutes of evaluation
@@ -493,7 +525,8 @@ def run(workdir: str, *, checkpoint: str | int | None = None,
   mesh = mesh if mesh is not None else parallel.create_mesh()
   output = evaluate(model, config, split, mesh=mesh, batch_size=batch_size,
                     num_samples=num_overlays, progress=progress,
-                    resolution=resolution)
+                    resolution=resolution, nsd_tolerance=nsd_tolerance,
+                    case_names=case_names)
   report_path = report_path or default_report_path(workdir, split, step)
   out_dir = artifacts_dir(report_path)
   throughput = None
@@ -516,6 +549,18 @@ def run(workdir: str, *, checkpoint: str | int | None = None,
       model_info=model_summary(model, config), split=split, output=output,
       throughput=throughput, train_throughput=train_throughput,
       artifacts=artifacts, config_source=config_source)
+  report['per_case'] = None
+  if output.per_case is not None:
+    path = cases_path(report_path)
+    if writer:
+      case_metrics.write_summary(path, output.per_case)
+    report['per_case'] = {
+        'path': paths.absolute(path),
+        'num_cases': output.per_case['num_cases'],
+        'tolerance': output.per_case['tolerance'],
+        'foreground_mean': output.per_case['foreground_mean'],
+        'empty_cases': output.per_case['empty_cases'],
+    }
   report['report_path'] = paths.absolute(report_path)
   if writer:
     write_json(report_path, report)
@@ -562,6 +607,7 @@ def table_rows(report: dict) -> list[tuple[str, str]]:
       ('F1 (Dice)', _fmt(m['dice'], '.4f')),
       ('IoU (dataset)', _fmt(m['iou'], '.4f')),
       ('IoU (per image)', _fmt(m['iou_per_image'], '.4f')),
+      *case_rows(report),
       ('Precision', _fmt(m['precision'], '.4f')),
       ('Recall', _fmt(m['recall'], '.4f')),
       ('Accuracy', _fmt(m['accuracy'], '.4f')),
@@ -595,6 +641,18 @@ def table_rows(report: dict) -> list[tuple[str, str]]:
                  _fmt(b['images_per_s']['median'], ',.1f')))
   rows.append(('Parameters', f'{report["model"]["num_parameters"]:,}'))
   return rows
+
+
+def case_rows(report: dict) -> list[tuple[str, str]]:
+  """The per-case foreground means (nnU-Net's headline Dice, NSD, HD95);
+  none when the report has no per-case metrics (model resolution)."""
+  cases = report.get('per_case')
+  if not cases:
+    return []
+  mean = cases['foreground_mean']
+  return [('Dice (case mean)', _fmt(mean['Dice'], '.4f')),
+          (f'NSD @ {cases["tolerance"]:g} px (case mean)', _fmt(mean['NSD'], '.4f')),
+          ('HD95 px (case mean)', _fmt(mean['HD95'], '.2f'))]
 
 
 def format_table(reports: Sequence[dict], names: Sequence[str] | None = None) -> str:

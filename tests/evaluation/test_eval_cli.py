@@ -52,16 +52,24 @@ def test_eval_and_compare(workdirs, tmp_path):
   proc = run_cli(workdirs['env'], '--workdir', workdirs['lintunet'],
                  '--compare', workdirs['unet'], '--report', report_path,
                  '--throughput_batch_sizes', '2', '--throughput_runs', '2',
-                 '--throughput_warmup', '1', '--num_overlays', '2', '--noprogress')
+                 '--throughput_warmup', '1', '--num_overlays', '2', '--noprogress',
+                 '--nsd_tolerance', '1.5')
   assert proc.returncode == 0, proc.stderr
   out = proc.stdout
   header = next(l for l in out.splitlines() if l.startswith('Metric'))
   assert header.split() == ['Metric', 'lintunet', 'unet']
   for label in ('F1 (Dice)', 'IoU (dataset)', 'IoU (per image)', 'Precision',
                 'Recall', 'Accuracy', 'Images/s (batch 2)', 'latency ms (batch 2)',
-                'GFLOPs/image', 'Parameters', 'latest (step 0)'):
+                'GFLOPs/image', 'Parameters', 'latest (step 0)',
+                'Dice (case mean)', 'NSD @ 1.5 px (case mean)', 'HD95 px (case mean)'):
     assert label in out, label
   report = json.loads(report_path.read_text())
+  # Per-case metrics next to the report, at the tolerance asked for.
+  cases = tmp_path / 'reports' / 'lin.cases.json'
+  assert report['per_case']['path'] == str(cases) and f'per-case metrics: {cases}' in out
+  summary = json.loads(cases.read_text())
+  assert summary['tolerance'] == report['per_case']['tolerance'] == 1.5
+  assert summary['num_cases'] == 64 and list(summary['mean']) == ['1']
   assert report['checkpoint'] == {'requested': 'latest', 'step': 0}
   assert report['data']['num_images'] == 64 and report['data']['split'] == 'test'
   assert [b['batch_size'] for b in report['throughput']['batches']] == [2]

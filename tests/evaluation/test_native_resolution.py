@@ -11,6 +11,9 @@ matrix. With
 `resolution='model'` the canvas that `resize='pad'` adds must not count.
 """
 
+import json
+import math
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -19,6 +22,7 @@ from sklearn import metrics as skm
 from lintunet_jax import metrics as metrics_lib
 from lintunet_jax import models
 from lintunet_jax.data import pipeline as input_pipeline
+from lintunet_jax.evaluation import case_metrics
 from lintunet_jax.evaluation import prediction
 from lintunet_jax.evaluation import report as evaluation
 from lintunet_jax.training import checkpointing
@@ -150,6 +154,46 @@ def test_native_resolution_counts_each_image_at_its_own_size(run):
   assert 'own size' in report['conventions']
   _check(report, expected)
   assert dict(evaluation.table_rows(report))['Counted at'] == 'native size'
+  _check_cases(report, run, [pred for _, pred in expected_pairs])
+
+
+def _split_order(config):
+  """File number of the split's i-th example: the split stores examples in
+  its own order, and every test size differs."""
+  stored = input_pipeline.prepare_dataset(config).as_data_source('test')
+  file_of = [TEST_SIZES.index(stored[i]['mask'].shape[:2])
+             for i in range(len(TEST_SIZES))]
+  assert sorted(file_of) == list(range(len(TEST_SIZES)))
+  return file_of
+
+
+def _check_cases(report, run, predictions):
+  """The per-case file next to the report: one case per image, keyed by its
+  split index, with the metrics of the independently resized prediction."""
+  cases = report['per_case']
+  assert cases['path'] == report['report_path'][:-len('.json')] + '.cases.json'
+  with open(cases['path']) as f:
+    summary = json.load(f, parse_constant=lambda c: pytest.fail(c))
+  assert summary['num_cases'] == cases['num_cases'] == len(TEST_SIZES)
+  assert summary['tolerance'] == cases['tolerance'] == case_metrics.DEFAULT_TOLERANCE
+  assert summary['foreground_mean'] == cases['foreground_mean']
+  entries = summary['metric_per_case']
+  assert [e['index'] for e in entries] == [e['case'] for e in entries] == list(
+      range(len(TEST_SIZES)))
+  for entry, f in zip(entries, _split_order(run['config'])):
+    mask, pred = run['pairs'][f][1], predictions[f]
+    expected = case_metrics.case_metrics(pred, mask, num_classes=1, tolerance=2.0)['1']
+    got = entry['metrics']['1']
+    assert got['TP'] + got['FP'] + got['FN'] + got['TN'] == mask.size
+    for key, value in expected.items():
+      assert (got[key] is None if math.isnan(value) else
+              got[key] == pytest.approx(value, rel=1e-9)), (f, key)
+  dice = [e['metrics']['1']['Dice'] for e in entries]
+  assert cases['foreground_mean']['Dice'] == pytest.approx(
+      np.mean([d for d in dice if d is not None]), rel=1e-9)
+  assert 0 < cases['foreground_mean']['NSD'] < 1  # not degenerate
+  rows = dict(evaluation.table_rows(report))
+  assert rows['NSD @ 2 px (case mean)'] == f"{cases['foreground_mean']['NSD']:.4f}"
 
 
 def test_model_resolution_never_counts_the_padding(run):
@@ -164,6 +208,7 @@ def test_model_resolution_never_counts_the_padding(run):
   report = evaluation.run(run['workdir'], split='test', num_overlays=0,
                           measure_throughput=False, resolution='model')
   assert report['resolution'] == 'model'
+  assert report['per_case'] is None  # per-case metrics are native only
   _check(report, expected)
   assert dict(evaluation.table_rows(report))['Counted at'] == f'model {SIZE}x{SIZE}'
 
@@ -177,12 +222,7 @@ def test_native_per_image_counts_are_each_images_own(run):
     pred = _nearest(canvas[top:top + h, left:left + w], *mask.shape)
     c = skm.confusion_matrix(mask.ravel(), pred.ravel(), labels=[0, 1])
     expected[i] = {'tn': c[0, 0], 'fp': c[0, 1], 'fn': c[1, 0], 'tp': c[1, 1]}
-  # The split stores examples in its own order: its i-th image is the file
-  # of that size (every test size differs).
-  stored = input_pipeline.prepare_dataset(run['config']).as_data_source('test')
-  file_of = [TEST_SIZES.index(stored[i]['mask'].shape[:2])
-             for i in range(len(TEST_SIZES))]
-  assert sorted(file_of) == list(range(len(TEST_SIZES)))
+  file_of = _split_order(run['config'])
   _, model, _, _ = evaluation.restore(run['workdir'], 'latest')
   output = evaluation.evaluate(model, run['config'], 'test')  # batches of 4: padded
   per_image = output.per_image
