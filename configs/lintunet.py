@@ -18,6 +18,11 @@ Variants (the part after the colon):
           4,096 bottleneck tokens under block-sparse attention only (a 7x7
           window plus 4 global tokens), which Linformer's fixed seq_len
           would tie to one image size; bfloat16, 8 images per device.
+  patches the default model trained as nnU-Net trains, on the seed's
+          dataset (brain_tumor_coco, 640x640) at native resolution: random
+          256x256 crops (a third centred on tumour), validation on a grid
+          of tiles, prediction with the sliding window (docs/training.md).
+          Needs --config.dataset.manual_dir (or a prepared data_dir).
 
 The accelerator recipes keep the seed's model, loss, optimizer and step
 schedule; docs/training.md says what changes between CPU, GPU and TPU and
@@ -68,9 +73,13 @@ def get_config(variant: str = ''):
     config.per_device_eval_batch_size = 8
     config.warmup_epochs = 1.0
     config.dataset.num_workers = -1
+  elif variant == 'patches':
+    config.dataset.name = 'brain_tumor_coco'
+    config.dataset.patch_size = 256  # 640x640 images: 9 tiles of 256 each
+    config.model.attention.seq_len = (256 // 16) ** 2  # tokens of one patch
   elif variant:
     raise ValueError(f"unknown variant {variant!r}; use '', 'seed', 'quick', "
-                     "'gpu', 'tpu' or 'hires'")
+                     "'gpu', 'tpu', 'hires' or 'patches'")
   return config
 
 

@@ -119,7 +119,8 @@ def _check_images(x: jax.Array, in_channels: int) -> None:
   if h % DOWNSAMPLING or w % DOWNSAMPLING:
     raise ValueError(
         f'image size {h}x{w} is not a multiple of {DOWNSAMPLING}; set '
-        f'dataset.image_size (the input pipeline resizes or pads to it)')
+        f'dataset.image_size (the input pipeline resizes or pads to it) or '
+        f'dataset.patch_size')
 
 
 def decoder_concat(model_config: ml_collections.ConfigDict) -> str:

@@ -95,7 +95,8 @@ class EfficientSelfAttention(nnx.Module):
     if n > self.seq_len:
       raise ValueError(
           f'{n} tokens exceed the Linformer seq_len={self.seq_len}; set '
-          f'model.attention.seq_len >= (image_size / 16)**2 = {n}')
+          f'model.attention.seq_len >= (input size / 16)**2 = {n} (input '
+          'size: dataset.patch_size if set, else dataset.image_size)')
     proj_k = self.proj_k[...][:n].astype(keys.dtype)
     proj_v = proj_k if self.share_kv else self.proj_v[...][:n].astype(keys.dtype)
     gk = jnp.einsum('bnd,nk->bkd', keys, proj_k)

@@ -2,7 +2,7 @@
 
 Data flow: a TFDS builder (ours or the catalogue's) is prepared once as
 array_record; `builder.as_data_source(split)` gives random access without
-TensorFlow; grain shards, shuffles, transforms and batches it.
+TensorFlow (sources.py); grain shards, shuffles, transforms and batches it.
 
 Train: infinite, reshuffled every epoch, augmented, deterministic in
 config.seed; its iterator's `get_state()` / `set_state()` let a resumed run
@@ -13,6 +13,13 @@ config.batch_size // process_count examples per batch.
 Eval: finite, every example exactly once across processes, in full batches
 padded at the end (`valid` = 0, `index` = -1 on padding), the same number
 of batches on every process so collective ops never wait.
+
+Patches (config.dataset.patch_size, lintunet_jax/data/patches.py): train
+examples are random patch_size crops of each image at its own size, and
+validation cuts each image into a grid of tiles; nothing is resized.
+
+Folds (lintunet_jax/data/folds.py): `cases` selects case ids (`case_ids`)
+of a split, for cross-validation.
 
 Workers: with config.dataset.num_workers > 0 (-1: sized to the host's
 cores, `num_workers`) training batches are built in that many spawned
@@ -35,7 +42,8 @@ import grain
 import numpy as np
 from grain import experimental as grain_experimental
 
-from lintunet_jax.data.datasets import catalogue, preparation, transforms
+from lintunet_jax.data import patches, sources
+from lintunet_jax.data.datasets import transforms
 
 Batch = dict[str, np.ndarray]
 
@@ -48,18 +56,35 @@ class _Settings:
   resize: str
   normalization: str
   augment: bool
+  patch_size: int | None = None  # native-resolution patches instead of resizing
+  foreground_fraction: float = 0.0
 
   @classmethod
   def from_config(cls, config) -> _Settings:
     ds = config.dataset
-    if ds.image_size % 16:
-      raise ValueError(
-          f'config.dataset.image_size={ds.image_size} must be a multiple of '
-          '16: the U-Net halves it four times. Images of any size are '
-          'resized or padded to it (config.dataset.resize).')
-    if ds.resize not in transforms.RESIZE_MODES:
-      raise ValueError(f'config.dataset.resize must be one of '
-                       f'{transforms.RESIZE_MODES}, got {ds.resize!r}')
+    patch_size = ds.get('patch_size')
+    if patch_size is not None:
+      # image_size and resize are not read: nothing is resized.
+      if not isinstance(patch_size, int) or patch_size <= 0 or patch_size % 16:
+        raise ValueError(
+            f'config.dataset.patch_size={patch_size!r} must be a positive '
+            'multiple of 16: the U-Net halves it four times')
+      fraction = ds.get('foreground_fraction', 0.33)
+      if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f'config.dataset.foreground_fraction={fraction} must '
+                         'be in [0, 1] (the share of patches centred on a '
+                         'foreground pixel)')
+    else:
+      fraction = 0.0
+      if ds.image_size % 16:
+        raise ValueError(
+            f'config.dataset.image_size={ds.image_size} must be a multiple of '
+            '16: the U-Net halves it four times. Images of any size are '
+            'resized or padded to it (config.dataset.resize).')
+      if ds.resize not in transforms.RESIZE_MODES:
+        raise ValueError(f'config.dataset.resize must be one of '
+                         f'{transforms.RESIZE_MODES}, got {ds.resize!r}')
+    _check_folds(ds)
     if ds.normalization not in transforms.NORMALIZATIONS:
       raise ValueError(f'config.dataset.normalization must be one of '
                        f'{transforms.NORMALIZATIONS}, got {ds.normalization!r}')
@@ -71,7 +96,23 @@ class _Settings:
           'must be equal (for RGB set both: --config.dataset.channels=3 '
           '--config.model.in_channels=3)')
     return cls(ds.image_size, ds.channels, ds.resize, ds.normalization,
-               bool(ds.augment))
+               bool(ds.augment), patch_size, float(fraction))
+
+
+def _check_folds(ds) -> None:
+  fold = ds.get('fold')
+  if fold is None:
+    return
+  if ds.get('splits_file'):
+    if fold < 0:  # the file's number of folds is checked when it is read
+      raise ValueError(f'config.dataset.fold={fold} must be >= 0')
+    return
+  if ds.num_folds < 2:
+    raise ValueError(f'config.dataset.num_folds={ds.num_folds} must be >= 2')
+  if not 0 <= fold < ds.num_folds:
+    raise ValueError(f'config.dataset.fold={fold} must be in [0, '
+                     f'{ds.num_folds}) (config.dataset.num_folds='
+                     f'{ds.num_folds})')
 
 
 # --- Pre-processing: the one implementation, shared with predict.py. ------
@@ -87,8 +128,9 @@ def model_input_size(config) -> int:
 
 def check_config(config) -> None:
   """Raises ValueError naming the field when config.dataset cannot feed
-  config.model (image size, resize, normalisation, channels). Programs call
-  it before building anything, so a mismatch never reaches the model."""
+  config.model (image or patch size, resize, normalisation, channels,
+  fold). Programs call it before building anything, so a mismatch never
+  reaches the model."""
   _Settings.from_config(config)
 
 
@@ -133,95 +175,15 @@ def _model_example(image, mask, settings: _Settings,
   return {'image': image, 'mask': mask.astype(np.int32)}
 
 
-# --- Datasets. ------------------------------------------------------------
+# --- Datasets (sources.py). ---------------------------------------------
 
-
-def prepare_dataset(config):
-  """Prepares config.dataset (once; later calls reuse it) and returns the
-  TFDS builder. Prints the preparation summary."""
-  builder, report, prepared_now = _prepared_builder(config)
-  _print_summary(builder, report, prepared_now)
-  return builder
-
-
-def _prepared_builder(config):
-  """(builder, report, prepared_now); cheap when the data already exists,
-  and still checks that it came from config.dataset.manual_dir."""
-  builder = preparation.make_builder(config.dataset, config.model.num_classes)
-  prepared_now = not builder.is_prepared()
-  report = preparation.prepare(builder, config.dataset.manual_dir)
-  return builder, report, prepared_now
-
-
-def _print_summary(builder, report, prepared_now: bool) -> None:
-  if report is not None:
-    print(report.format())
-  print(f'{builder.name}: {"prepared" if prepared_now else "reusing"} '
-        f'{builder.data_path}')
+prepare_dataset = sources.prepare_dataset
+case_ids = sources.case_ids
 
 
 def num_examples(config, split: str) -> int:
   """Examples in `split` (train: after config.dataset.num_train_examples)."""
-  return len(_source(config, split))
-
-
-def _source(config, split: str):
-  builder, report, prepared_now = _prepared_builder(config)
-  if prepared_now:
-    _print_summary(builder, report, prepared_now)
-  available = list(builder.info.splits.keys())
-  if split.split('[')[0] not in available:
-    raise ValueError(
-        f'{builder.name} has no split {split!r}; it has {available}. Set '
-        'config.dataset.train_split / eval_split / test_split (TFDS slices '
-        'such as "train[:90%]" work too).')
-  source = builder.as_data_source(split)
-  limit = config.dataset.num_train_examples
-  if limit and split == config.dataset.train_split:
-    if limit > len(source):
-      raise ValueError(f'config.dataset.num_train_examples={limit} but '
-                       f'{split!r} has only {len(source)} examples')
-    source = _Subset(source, limit)
-  return _ExampleSource(source, _reader(builder), config.model.num_classes)
-
-
-class _Subset:
-  """The first `limit` examples (TFDS stores them in hash order: a random
-  subset, the same whatever the number of processes)."""
-
-  def __init__(self, source, limit: int):
-    self._source, self._limit = source, limit
-
-  def __len__(self) -> int:
-    return self._limit
-
-  def __getitem__(self, index: int):
-    if not 0 <= index < self._limit:
-      raise IndexError(index)
-    return self._source[index]
-
-
-def _reader(builder):
-  if preparation.is_ours(builder.name):
-    return None  # stored as (image, mask of class ids) already
-  return catalogue.adapter_for(builder.name, builder.info.features.keys())
-
-
-class _ExampleSource:
-  """Random access to (image, mask) pairs, whatever the builder stores."""
-
-  def __init__(self, source, adapter, num_classes: int):
-    self._source, self._adapter = source, adapter
-    self._num_classes = num_classes
-
-  def __len__(self) -> int:
-    return len(self._source)
-
-  def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-    example = self._source[index]
-    if self._adapter is None:
-      return example['image'], example['mask']
-    return catalogue.read_example(self._adapter, example, self._num_classes)
+  return len(sources.source(config, split))
 
 
 # --- Train. ---------------------------------------------------------------
@@ -234,23 +196,41 @@ class _TrainTransform(grain.transforms.RandomMap):
 
   def random_map(self, element, rng: np.random.Generator) -> Batch:
     image, mask = element
+    settings = self._settings
+    if settings.patch_size:  # the crop is random even without augment
+      return patches.train_example(
+          image, mask, size=settings.patch_size, channels=settings.channels,
+          normalization=settings.normalization,
+          foreground_fraction=settings.foreground_fraction,
+          augment=settings.augment, rng=rng)
     return _model_example(image, mask, self._settings,
                           rng if self._settings.augment else None)
 
 
 def create_train_iterator(config, *, process_index: int | None = None,
-                          process_count: int | None = None
-                          ) -> grain.DatasetIterator:
+                          process_count: int | None = None,
+                          cases=None) -> grain.DatasetIterator:
   """Infinite iterator of host-local training batches.
 
   Batches: `image` float32 [B, S, S, C], `mask` int32 [B, S, S] with
-  B = config.batch_size // process_count. The iterator's get_state() is a
-  JSON-serialisable dict; set_state() resumes at exactly that batch.
+  B = config.batch_size // process_count and S = model_input_size (random
+  native-resolution crops with dataset.patch_size). `cases`: case ids
+  (`case_ids`) of the train split to read instead of all, e.g. a fold's
+  "train" (folds.resolve); needed when config.dataset.fold is set. The
+  iterator's get_state() is a JSON-serialisable dict; set_state() resumes
+  at exactly that batch.
   """
   process_index, process_count = _process(process_index, process_count)
   local_batch = _local_batch(config.batch_size, process_count, 'batch_size')
   settings = _Settings.from_config(config)
-  source = _source(config, config.dataset.train_split)
+  split = config.dataset.train_split
+  source = sources.source(config, split)
+  if cases is not None:
+    source = sources.Picked(source, sources.case_indices(config, split, cases))
+  elif config.dataset.get('fold') is not None:
+    raise ValueError(
+        f'config.dataset.fold={config.dataset.fold}: pass the fold\'s "train" '
+        'cases (folds.resolve), or the whole train split would be read')
   shard = grain.MapDataset.source(source)[process_index::process_count]
   if len(shard) == 0:
     raise ValueError(f'process {process_index} of {process_count} has no '
@@ -296,32 +276,45 @@ def _out_of_shared_memory(batch: Batch) -> Batch:
 
 
 class _PaddedShard:
-  """This process's strided share of a split, padded to whole batches."""
+  """This process's share (`items`) of a split, padded to whole batches:
+  `read(item)` makes an example of an item, `padding` fills the rest."""
 
-  def __init__(self, source, process_index: int, process_count: int,
-               padded_length: int, settings: _Settings, native: bool = False):
-    self._source, self._settings, self._native = source, settings, native
-    self._indices = np.arange(process_index, len(source), process_count)
-    self._length = padded_length
+  def __init__(self, items, padded_length: int, read, padding: Batch):
+    self._items, self._length = items, padded_length
+    self._read, self._padding = read, padding
 
   def __len__(self) -> int:
     return self._length
 
   def __getitem__(self, position: int) -> Batch:
-    size, channels = self._settings.image_size, self._settings.channels
-    if position >= len(self._indices):
-      padding = {'image': np.zeros((size, size, channels), np.float32),
-                 'mask': np.zeros((size, size), np.int32),
-                 'region': np.zeros((size, size), np.uint8),
-                 'valid': np.float32(0.0), 'index': np.int32(-1)}
-      if self._native:
-        padding['native_mask'] = np.zeros((0, 0), np.uint8)
-      return padding
-    index = int(self._indices[position])
+    if position >= len(self._items):
+      return dict(self._padding)
+    return self._read(self._items[position])
+
+
+def _padding_example(size: int, channels: int, native: bool) -> Batch:
+  padding = {'image': np.zeros((size, size, channels), np.float32),
+             'mask': np.zeros((size, size), np.int32),
+             'region': np.zeros((size, size), np.uint8),
+             'valid': np.float32(0.0), 'index': np.int32(-1)}
+  if native:
+    padding['native_mask'] = np.zeros((0, 0), np.uint8)
+  return padding
+
+
+class _WholeImages:
+  """Split index -> the whole image resized or padded to image_size."""
+
+  def __init__(self, source, settings: _Settings, native: bool):
+    self._source, self._settings, self._native = source, settings, native
+
+  def __call__(self, index) -> Batch:
+    index = int(index)
     image, mask = self._source[index]
     example = _model_example(image, mask, self._settings, rng=None)
     example['region'] = transforms.fit_mask(
-        np.ones(np.shape(mask)[:2], np.uint8), size, self._settings.resize)
+        np.ones(np.shape(mask)[:2], np.uint8), self._settings.image_size,
+        self._settings.resize)
     if self._native:
       example['native_mask'] = np.asarray(mask)
     return {**example, 'valid': np.float32(1.0), 'index': np.int32(index)}
@@ -338,7 +331,8 @@ def _stack_batch(examples) -> Batch:
 def create_eval_iterator(config, split: str, *, batch_size: int | None = None,
                          process_index: int | None = None,
                          process_count: int | None = None,
-                         native_masks: bool = False) -> Iterator[Batch]:
+                         native_masks: bool = False,
+                         cases=None) -> Iterator[Batch]:
   """Finite iterator over `split`: every example once, full padded batches.
 
   Batches add `valid` float32 [b] (1 real, 0 padding), `index` int32 [b]
@@ -346,18 +340,49 @@ def create_eval_iterator(config, split: str, *, batch_size: int | None = None,
   where the image lies, 0 on the canvas `resize='pad'` adds and on padding
   examples) to `image` and `mask`. With `native_masks`, also
   `native_mask`: a list of the stored uint8 [H, W] masks at each image's
-  own size (empty on padding), for metrics at native resolution.
+  own size (empty on padding), for metrics at native resolution. `cases`:
+  case ids (`case_ids`) of the split to read instead of all (a fold's
+  "val").
+
+  With dataset.patch_size (P), the examples are tiles instead (validation's
+  cheap stand-in for the sliding window): each image is cut into a grid of
+  non-overlapping P x P tiles, padded at the bottom and right to whole
+  tiles, with `region` 1 exactly on the image's pixels (so every native
+  pixel counts once) and `index` the image's. Each process reads a
+  contiguous share of the tiles. `native_masks` is refused: whole images
+  at native size are predicted with the sliding window.
   """
   process_index, process_count = _process(process_index, process_count)
   if batch_size is None:
     batch_size = _local_batch(config.eval_batch_size, process_count,
                               'eval_batch_size')
   settings = dataclasses.replace(_Settings.from_config(config), augment=False)
-  source = _source(config, split)
-  per_process = math.ceil(len(source) / process_count)
+  if settings.patch_size and native_masks:
+    raise ValueError(
+        f'config.dataset.patch_size={settings.patch_size}: a model trained on '
+        'patches predicts whole images at native size with the sliding window '
+        '(inference.sliding_window), not from batches of resized images; '
+        'native_masks=True is not available in patch mode')
+  source = sources.source(config, split)
+  indices = (np.arange(len(source)) if cases is None
+             else sources.case_indices(config, split, cases))
+  if settings.patch_size:
+    size = settings.patch_size
+    items = np.array([(index, top, left) for index, (height, width)
+                      in sources.image_sizes(source, indices).items()
+                      for top, left in patches.tile_origins(height, width, size)],
+                     np.int64).reshape(-1, 3)
+    mine = np.array_split(items, process_count)[process_index]
+    read = patches.TileReader(source, size=size, channels=settings.channels,
+                              normalization=settings.normalization)
+  else:
+    size, items = settings.image_size, indices
+    mine = items[process_index::process_count]
+    read = _WholeImages(source, settings, native_masks)
+  per_process = math.ceil(len(items) / process_count)
   num_batches = math.ceil(per_process / batch_size)
-  shard = _PaddedShard(source, process_index, process_count,
-                       num_batches * batch_size, settings, native=native_masks)
+  shard = _PaddedShard(mine, num_batches * batch_size, read,
+                       _padding_example(size, settings.channels, native_masks))
   dataset = grain.MapDataset.source(shard).batch(
       batch_size, batch_fn=_stack_batch if native_masks else None)
   threads = max(1, num_workers(config))

@@ -38,6 +38,7 @@ from jax.sharding import PartitionSpec as P
 
 from lintunet_jax.training import checkpointing
 from lintunet_jax.training import distributed
+from lintunet_jax.data import folds as folds_lib
 from lintunet_jax.data import pipeline as input_pipeline
 from lintunet_jax.training import metric_logs as logging_utils
 from lintunet_jax.training import losses
@@ -331,6 +332,19 @@ def _restore_or_start(manager, state: TrainState, train_iter):
   return state, start_step
 
 
+def _fold_cases(config, workdir: str, *, write: bool):
+  """With config.dataset.fold = K: fold K's {"train": [case ids], "val":
+  [case ids]} of the train split (DIR/splits.json written by process 0,
+  or read back on resume; folds_lib.resolve). None without a fold."""
+  ds = config.dataset
+  if ds.get('fold') is None:
+    return None
+  return folds_lib.resolve(
+      workdir, input_pipeline.case_ids(config, ds.train_split),
+      fold=int(ds.fold), num_folds=int(ds.num_folds),
+      splits_file=ds.get('splits_file'), write=write)
+
+
 def _close(iterator) -> None:
   if hasattr(iterator, 'close'):
     iterator.close()  # stops input worker processes
@@ -345,6 +359,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   paths.check(workdir, 'workdir')
   if config.dataset.get('data_dir'):
     paths.check(config.dataset.data_dir, 'config.dataset.data_dir')
+  if config.dataset.get('splits_file'):
+    paths.check(config.dataset.splits_file, 'config.dataset.splits_file')
   distributed.maybe_initialize_distributed(config)
   parallel.check_accelerator(config)
   check_config(config)
@@ -362,7 +378,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # (or, with a host-local data_dir, prepare their own copy).
   distributed.main_process_first(lambda: input_pipeline.prepare_dataset(config),
                                  'prepare the dataset')
-  num_train = input_pipeline.num_examples(config, config.dataset.train_split)
+  fold = _fold_cases(config, workdir, write=is_main)
+  if fold is None:
+    num_train = input_pipeline.num_examples(config, config.dataset.train_split)
+    eval_split, eval_cases = config.dataset.eval_split, None
+  else:  # validation on the fold's "val" cases of the train split
+    num_train = len(fold['train'])
+    eval_split, eval_cases = config.dataset.train_split, fold['val']
   steps_per_epoch, total_steps = _schedule_lengths(config, num_train)
   eval_every = _interval(config.eval_every_steps, steps_per_epoch)
   ckpt_every = _interval(config.checkpoint_every_steps, steps_per_epoch)
@@ -389,7 +411,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       keep_best=config.get('keep_best_checkpoints', 1),
       async_save=config.get('async_checkpointing', True))
   train_iter = input_pipeline.create_train_iterator(
-      config, process_index=jax.process_index(), process_count=jax.process_count())
+      config, process_index=jax.process_index(), process_count=jax.process_count(),
+      cases=None if fold is None else fold['train'])
   state, resumed_from = _restore_or_start(manager, state, train_iter)
   step = int(parallel.to_host(state.step))
   if step >= total_steps:
@@ -484,13 +507,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if do_eval:
         flush_pending()
         batches = input_pipeline.create_eval_iterator(  # eval_batch_size / processes each
-            config, config.dataset.eval_split,
+            config, eval_split, cases=eval_cases,
             process_index=jax.process_index(), process_count=jax.process_count())
         last_eval = evaluate(eval_step, state.variables, batches, mesh)
-        last_eval['split'] = config.dataset.eval_split
-        # Validation counts pixels on the model's canvas (pad excluded);
+        last_eval['split'] = eval_split
+        if fold is not None:
+          last_eval['fold'] = int(config.dataset.fold)
+        # Validation counts pixels on the model's canvas (pad excluded), or
+        # with patch_size every native pixel once in a grid of tiles;
         # eval.py defaults to each image's own size (docs/evaluation.md).
-        last_eval['resolution'] = 'model'
+        last_eval['resolution'] = ('native_tiles' if config.dataset.get('patch_size')
+                                   else 'model')
         writer.write('eval', step, {'epoch': step / steps_per_epoch,
                                     **last_eval})
         summary = (f'step {step}: validation loss {last_eval["loss"]:.4f} '

@@ -12,18 +12,20 @@ import pytest
 from configs import lintunet, unet
 from lintunet_jax.attention import layout as layout_lib
 from lintunet_jax.attention import masks
+from lintunet_jax.data import pipeline as input_pipeline
 from lintunet_jax.training import loop as train_lib
 from lintunet_jax.training import metric_logs
 from tests import train_testutil as tu
 
-VARIANTS = ['', 'seed', 'quick', 'gpu', 'tpu', 'hires']
+VARIANTS = ['', 'seed', 'quick', 'gpu', 'tpu', 'hires', 'patches']
 
 
 @pytest.mark.parametrize('module', [lintunet, unet], ids=['lintunet', 'unet'])
 @pytest.mark.parametrize('variant', VARIANTS)
 def test_seq_len_matches_the_bottleneck_tokens(module, variant):
   config = module.get_config(variant)
-  tokens = (config.dataset.image_size // 16) ** 2
+  input_pipeline.check_config(config)  # e.g. patch_size a multiple of 16
+  tokens = (input_pipeline.model_input_size(config) // 16) ** 2
   assert config.model.attention.seq_len == tokens
 
 

@@ -86,7 +86,7 @@ def _ids(batch):
 def _train(config, steps, **kwargs):
   iterator = input_pipeline.create_train_iterator(
       config, process_index=kwargs.pop('process_index', 0),
-      process_count=kwargs.pop('process_count', 1))
+      process_count=kwargs.pop('process_count', 1), **kwargs)
   return iterator, [next(iterator) for _ in range(steps)]
 
 
@@ -322,3 +322,41 @@ def test_synthetic_default_by_name_and_no_tensorflow(tmp_path):
   subprocess.run(
       [sys.executable, '-c', 'import lintunet_jax.data.pipeline, sys; '
        "assert 'tensorflow' not in sys.modules"], check=True, cwd=REPO)
+
+
+def test_case_ids_name_the_stored_files(config):
+  names = [f'{i:03d}.png' for i in range(NUM_TRAIN)]
+  ids = input_pipeline.case_ids(config, 'train')
+  assert sorted(ids) == names and ids != names  # split order is TFDS's hash order
+  assert sorted(input_pipeline.case_ids(config, 'validation')) == [
+      f'{i:03d}.png' for i in range(NUM_TRAIN, NUM_TRAIN + NUM_VALIDATION)]
+  # Each id names its example: the image of example k is file ids[k].
+  batch = next(input_pipeline.create_eval_iterator(
+      config, 'train', batch_size=NUM_TRAIN, process_index=0, process_count=1))
+  assert [f'{i:03d}.png' for i in _ids(batch)] == [ids[k] for k in batch['index']]
+  config.dataset.num_train_examples = 8
+  assert input_pipeline.case_ids(config, 'train') == ids[:8]
+
+
+def test_fold_cases_are_all_that_is_read_with_subsets_and_processes(config):
+  config.dataset.num_train_examples = 12
+  ids = input_pipeline.case_ids(config, 'train')
+  cases = ids[1:12:2]  # 6 of the 12
+  config.dataset.fold = 0
+  seen = []
+  for process_index in range(2):
+    _, batches = _train(config, 3, process_index=process_index, process_count=2,
+                        cases=cases)  # 3 batches of 2: two epochs of a 3-case shard
+    seen.append({f'{i:03d}.png' for b in batches for i in _ids(b)})
+  assert seen[0].isdisjoint(seen[1]) and seen[0] | seen[1] == set(cases)
+  batches = list(input_pipeline.create_eval_iterator(
+      config, 'train', cases=cases[::-1], process_index=0, process_count=1))
+  valid = [(int(k), f'{i:03d}.png') for b in batches
+           for k, i, ok in zip(b['index'], _ids(b), b['valid']) if ok]
+  assert sorted(valid) == sorted((ids.index(c), c) for c in cases)
+  with pytest.raises(ValueError, match=r'fold=0: pass the fold'):
+    _train(config, 1)
+  with pytest.raises(ValueError, match=r"1 case ids are not in split 'train'.*'nope.png'"):
+    _train(config, 1, cases=cases + ['nope.png'])
+  with pytest.raises(ValueError, match='not in split'):  # another split's
+    _train(config, 1, cases=input_pipeline.case_ids(config, 'validation'))

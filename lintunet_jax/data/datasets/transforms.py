@@ -143,20 +143,30 @@ def to_unit_float(image: np.ndarray) -> np.ndarray:
   return image.astype(np.float32) / np.float32(255.0)
 
 
-def normalize(image: np.ndarray, mode: str) -> np.ndarray:
+def image_stats(image: np.ndarray) -> tuple[float, float]:
+  """(mean, std) of a float image for 'standardize' (std floored at 1e-6
+  so a constant image does not divide by zero)."""
+  return float(image.mean()), max(float(image.std()), 1e-6)
+
+
+def normalize(image: np.ndarray, mode: str,
+              stats: tuple[float, float] | None = None) -> np.ndarray:
   """float32 image in [0, 1] to model input.
 
   'unit' keeps [0, 1]; 'standardize' is a per-image z-score; 'seed' is what
   the seed's notebook fed its models (Normalize(0.5, 0.5) then clamp to
   [0, 1], so every pixel below mid-grey becomes 0), for converted models.
+  `stats` (mean, std) replaces the z-score's own statistics: a patch is
+  standardised with its whole image's (`image_stats`), as the sliding
+  window standardises the whole image once.
   """
   if mode == 'unit':
     return image
   if mode == 'seed':
     return np.clip(2.0 * image - 1.0, 0.0, 1.0).astype(np.float32)
   if mode == 'standardize':
-    std = max(float(image.std()), 1e-6)
-    return ((image - image.mean()) / std).astype(np.float32)
+    mean, std = image_stats(image) if stats is None else stats
+    return ((image - np.float32(mean)) / np.float32(std)).astype(np.float32)
   raise ValueError(f'config.dataset.normalization must be one of '
                    f'{NORMALIZATIONS}, got {mode!r}')
 
