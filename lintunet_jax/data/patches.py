@@ -17,10 +17,11 @@ grid of non-overlapping P x P tiles from the top-left corner, the last row
 and column padded past the bottom/right edges; every native pixel lies in
 exactly one tile.
 
-Padding is 0 in the raw uint8 image, i.e. before normalisation (as the
-affine augmentation's fill and `resize='pad'`'s canvas): black for 'unit'
-and 'seed', (0 - mean) / std of the whole image for 'standardize'. Masks
-are padded with class 0 (background).
+Padding is 0 in the model's input, i.e. after normalisation, as the
+sliding window pads at inference (and nnU-Net pads): black for 'unit' and
+'seed', the image's mean for 'standardize' (training crops the uint8 image
+before normalising, so there the fill is the mean's nearest uint8 value,
+within 0.5/255 of it). Masks are padded with class 0 (background).
 """
 
 from __future__ import annotations
@@ -32,14 +33,15 @@ import numpy as np
 from lintunet_jax.data.datasets import transforms
 
 
-def crop(array: np.ndarray, top: int, left: int, size: int) -> np.ndarray:
+def crop(array: np.ndarray, top: int, left: int, size: int,
+         fill=0) -> np.ndarray:
   """The size x size window of `array` [H, W, ...] at (top, left).
 
   The window may reach past any edge (negative or large offsets): those
-  pixels are 0. Returns a new array of `array`'s dtype, [size, size, ...].
+  pixels are `fill`. Returns a new array of `array`'s dtype, [size, size, ...].
   """
   height, width = array.shape[:2]
-  out = np.zeros((size, size) + array.shape[2:], array.dtype)
+  out = np.full((size, size) + array.shape[2:], fill, array.dtype)
   rows = slice(max(top, 0), min(top + size, height))
   cols = slice(max(left, 0), min(left + size, width))
   if rows.start < rows.stop and cols.start < cols.stop:
@@ -107,11 +109,13 @@ def train_example(image: np.ndarray, mask: np.ndarray, *, size: int,
   """
   image = transforms.to_channels(np.asarray(image), channels)
   mask = np.asarray(mask)
-  stats = None
+  stats, fill = None, 0
   if normalization == 'standardize':
     stats = transforms.image_stats(transforms.to_unit_float(image))
+    fill = int(np.clip(np.rint(stats[0] * 255.0), 0, 255))  # normalises to ~0
   top, left = random_origin(mask, size, foreground_fraction, rng)
-  image, mask = crop(image, top, left, size), crop(mask, top, left, size)
+  image = crop(image, top, left, size, fill)
+  mask = crop(mask, top, left, size)
   if augment:
     image, mask = transforms.augment(image, mask, rng)
   else:
@@ -126,7 +130,8 @@ class TileReader:
   [size, size], 'valid', 'index' (the image's).
 
   The whole image is normalised once (with its own statistics, as the
-  sliding window does), zero-padded (raw value 0, as training pads) to
+  sliding window does), zero-padded after normalisation (as the window
+  pads) to
   whole tiles at the bottom and right, and cut; `region` is 1 on the
   image's own pixels only. The last few padded images are cached, since a
   process reads one image's tiles one after another.
@@ -146,9 +151,9 @@ class TileReader:
     stats = None
     if self._normalization == 'standardize':
       stats = transforms.image_stats(transforms.to_unit_float(image))
-    image = np.pad(image, ((0, extra[0]), (0, extra[1]), (0, 0)))
     image = transforms.normalize(transforms.to_unit_float(image),
                                  self._normalization, stats)
+    image = np.pad(image, ((0, extra[0]), (0, extra[1]), (0, 0)))
     mask = np.pad(np.asarray(mask), ((0, extra[0]), (0, extra[1])))
     return image, mask, (height, width)
 

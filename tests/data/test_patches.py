@@ -81,6 +81,25 @@ def test_a_small_image_is_zero_padded_and_its_mask_padding_is_background():
     np.testing.assert_array_equal(out['mask'] == 1, raw > 0)
 
 
+def test_padding_is_zero_after_standardize_as_the_sliding_window_pads():
+  # The sliding window pads normalised images with 0; training and the
+  # validation tiles must put (about) the same value there, not the
+  # (0 - mean) / std that padding the raw image with 0 would give.
+  rng = np.random.default_rng()
+  image = rng.integers(100, 228, (20, 30), dtype=np.uint8)  # mean far from 0
+  mask = np.ones((20, 30), np.uint8)  # marks the image inside the patch
+  std = (image / 255).std()
+  out = _train(image, mask, np.random.default_rng(0), normalization='standardize')
+  padding = out['image'][..., 0][out['mask'] == 0]
+  assert padding.size == PATCH * PATCH - 20 * 30
+  assert np.abs(padding).max() <= 0.5 / 255 / std + 1e-6
+  reader = patches.TileReader([(image, mask)], size=PATCH, channels=1,
+                              normalization='standardize')
+  tile = reader((0, 0, 0))
+  assert (tile['region'] == 0).sum() == PATCH * PATCH - 20 * 30
+  np.testing.assert_array_equal(tile['image'][..., 0][tile['region'] == 0], 0.0)
+
+
 def test_foreground_fraction_one_centres_every_patch_on_a_lesion():
   rng = np.random.default_rng()
   hits = {0.0: 0, 1.0: 0}
