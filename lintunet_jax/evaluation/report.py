@@ -241,6 +241,15 @@ def evaluate_native(eval_step, variables, batches: Iterable[Mapping[str, Any]],
   return result
 
 
+def default_case_names(config: ml_collections.ConfigDict, split: str) -> list[str] | None:
+  """The split's file names (as splits.json names cases), or None (cases
+  named by index) when the dataset stores none or repeats one."""
+  try:
+    return input_pipeline.case_ids(config, split)
+  except ValueError:
+    return None
+
+
 def evaluate(model: nnx.Module, config: ml_collections.ConfigDict, split: str,
              *, mesh: jax.sharding.Mesh | None = None,
              batch_size: int | None = None, num_samples: int = 0,
@@ -285,6 +294,8 @@ def evaluate(model: nnx.Module, config: ml_collections.ConfigDict, split: str,
     bar = tqdm.tqdm(total=total // max(jax.process_count(), 1),
                     desc=f'eval {split}', unit='img', leave=False)
   samples: dict[str, list[np.ndarray]] = {'image': [], 'mask': [], 'index': []}
+  if native and case_names is None:
+    case_names = default_case_names(config, split)
   cases = (case_metrics.CaseCollector(num_classes=config.model.num_classes,
                                       tolerance=nsd_tolerance, case_names=case_names)
            if native else None)
