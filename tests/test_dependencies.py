@@ -10,7 +10,7 @@
   models       layers.py and models.py: build on attention/
   training/    the loop and its state, checkpoints, logs: builds on the above
   evaluation/  reports, timings, pictures, prediction: builds on training/
-  entry        summary, convert_torch (command-line programs): anything
+  entry        summary, convert_torch, export (command-line programs): anything
 
 Every import statement counts, also those inside functions (a lazy import
 is still a dependency). The modules are parsed with `ast`, never imported.
@@ -37,6 +37,7 @@ PARTS = {  # module name prefix -> part (longest prefix wins)
     'lintunet_jax.evaluation': 'evaluation',
     'lintunet_jax.summary': 'entry',
     'lintunet_jax.convert_torch': 'entry',
+    'lintunet_jax.export': 'entry',
     'lintunet_jax': 'entry',  # the (empty) package __init__
 }
 ALLOWED = {  # part -> the parts it may import (itself included)
