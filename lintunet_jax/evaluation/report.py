@@ -305,8 +305,12 @@ def evaluate(model: nnx.Module, config: ml_collections.ConfigDict, split: str,
 # The report.
 
 
-def default_report_path(workdir: str, split: str, step: int) -> str:
-  return os.fspath(epath.Path(workdir) / 'eval' / f'{split}-{step}.json')
+def default_report_path(workdir: str, split: str, step: int,
+                        num_members: int = 1) -> str:
+  """DIR/eval/<split>-<step>.json; an ensemble of N workdirs writes
+  <split>-ensemble<N>-<step>.json under the first, never a member's name."""
+  name = f'{split}-{step}' if num_members == 1 else f'{split}-ensemble{num_members}-{step}'
+  return os.fspath(epath.Path(workdir) / 'eval' / f'{name}.json')
 
 
 def artifacts_dir(report_path: str) -> str:
@@ -457,7 +461,7 @@ def restore(workdir: str, checkpoint: str | int | None,
   return config, model, step, selector
 
 
-def run(workdir: str, *, checkpoint: str | int | None = None,
+def run(workdir: str | Sequence[str], *, checkpoint: str | int | None = None,
         split: str | None = None,
         config: ml_collections.ConfigDict | None = None,
         report_path: str | None = None, num_overlays: int = 4,
@@ -469,6 +473,9 @@ def run(workdir: str, *, checkpoint: str | int | None = None,
         progress: bool = False, mesh: jax.sharding.Mesh | None = None,
         resolution: str = 'native',
         overrides: Mapping[str, Any] | None = None,
+        sliding_window: bool | None = None, overlap: float | None = None,
+        tta: str | None = None, tile_batch_size: int | None = None,
+        on_image=None,
         ) -> dict[str, Any]:
   """Restore, evaluate, time, draw, and write the report; returns it.
 
@@ -479,7 +486,24 @@ def run(workdir: str, *, checkpoint: str | int | None = None,
   from `--config.a.b=value`) change fields of that config (see `restore`).
   `resolution`: where pixels are counted, a key of `RESOLUTIONS`. Only
   process 0 writes files.
+
+  Several workdirs (a sequence) are an ensemble: their logits are
+  averaged (`ensemble.restore_members` checks they agree; the first's
+  config, threshold and step name the report). `sliding_window`,
+  `overlap`, `tta` and `tile_batch_size` override config.inference
+  (`sliding_window.inference_settings`). With the window, TTA or an
+  ensemble the split is evaluated by `whole_image_eval.evaluate`
+  (native size, no loss; `on_image(index, predicted, truth)` is called
+  per image); otherwise by `evaluate`. Throughput always times the first
+  model's plain forward pass. `report['inference']` says which.
   """
+  from lintunet_jax.evaluation import ensemble  # pylint: disable=import-outside-toplevel
+  from lintunet_jax.evaluation import sliding_window as sw  # pylint: disable=import-outside-toplevel
+  from lintunet_jax.evaluation import whole_image_eval  # pylint: disable=import-outside-toplevel
+  workdirs = ([os.fspath(workdir)] if isinstance(workdir, (str, os.PathLike))
+              else [os.fspath(w) for w in workdir])
+  workdir = workdirs[0] if workdirs else ''
+
   if report_path:  # a bad URL fails before minutes of evaluation
     paths.check(report_path, '--report')
   config_source = ('override (--config)' if config is not None else
@@ -487,14 +511,40 @@ def run(workdir: str, *, checkpoint: str | int | None = None,
   if overrides:
     config_source += ' with ' + ', '.join(
         f'{k}={v!r}' for k, v in overrides.items())
-  config, model, step, selector = restore(workdir, checkpoint, config,
-                                          overrides=overrides)
+  members = ensemble.restore_members(workdirs, checkpoint, config, overrides)
+  config, model, step, selector = (members[0].config, members[0].model,
+                                   members[0].step, members[0].selector)
+  try:
+    settings = sw.inference_settings(
+        config, sliding_window=sliding_window, overlap=overlap, tta=tta,
+        tile_batch_size=tile_batch_size)
+  except ValueError as e:
+    raise EvaluationError(str(e)) from None
   split = split or config.dataset.test_split
   mesh = mesh if mesh is not None else parallel.create_mesh()
-  output = evaluate(model, config, split, mesh=mesh, batch_size=batch_size,
-                    num_samples=num_overlays, progress=progress,
-                    resolution=resolution)
-  report_path = report_path or default_report_path(workdir, split, step)
+  whole = settings.window or settings.tta != 'none' or len(members) > 1
+  if whole:
+    if resolution != 'native':
+      raise EvaluationError(
+          f"resolution={resolution!r} needs the model's own eval step; the "
+          'sliding window, TTA and ensembles count at native size only')
+    local_mesh = (mesh if jax.process_count() == 1
+                  else parallel.create_mesh(jax.local_devices()))
+    predict_fn = sw.make_predict_fn([m.model for m in members], settings,
+                                    mesh=local_mesh)
+    output = whole_image_eval.evaluate(
+        predict_fn, config, split, settings, images_per_call=batch_size,
+        num_samples=num_overlays, progress=progress, on_image=on_image)
+    if measure_throughput:
+      output.notes.append(
+          "throughput: the first model's plain forward pass at model size "
+          '(not the window, TTA or ensemble)')
+  else:
+    output = evaluate(model, config, split, mesh=mesh, batch_size=batch_size,
+                      num_samples=num_overlays, progress=progress,
+                      resolution=resolution)
+  report_path = report_path or default_report_path(workdir, split, step,
+                                                   len(members))
   out_dir = artifacts_dir(report_path)
   throughput = None
   if measure_throughput:
@@ -516,6 +566,11 @@ def run(workdir: str, *, checkpoint: str | int | None = None,
       model_info=model_summary(model, config), split=split, output=output,
       throughput=throughput, train_throughput=train_throughput,
       artifacts=artifacts, config_source=config_source)
+  report['inference'] = {
+      **settings.describe(),
+      'evaluated_by': ('whole_image_eval (make_predict_fn)' if whole
+                       else 'eval step (one model, no TTA)'),
+      'members': [m.describe() for m in members]}
   report['report_path'] = paths.absolute(report_path)
   if writer:
     write_json(report_path, report)
@@ -552,6 +607,18 @@ def _resolution_label(report: dict) -> str:
   return f'model {size}x{size}'
 
 
+def inference_label(inference: dict) -> str:
+  """'window 32px overlap 0.5, tta flips, 5 models' (report['inference'])."""
+  if inference['window']:
+    parts = [f"window {inference['tile_size']}px overlap {inference['overlap']:g}"]
+  else:
+    parts = [f"whole image at {inference['tile_size']}px"]
+  parts.append(f"tta {inference['tta']}")
+  count = len(inference.get('members', [])) or 1
+  parts.append(f"{count} model{'s' if count > 1 else ''}")
+  return ', '.join(parts)
+
+
 def table_rows(report: dict) -> list[tuple[str, str]]:
   """(label, value) rows of one report, in the seed's table order."""
   m = report['metrics']
@@ -559,6 +626,8 @@ def table_rows(report: dict) -> list[tuple[str, str]]:
   rows = [
       ('Checkpoint', f'{ckpt["requested"]} (step {ckpt["step"]})'),
       ('Counted at', _resolution_label(report)),
+      *([('Inference', inference_label(report['inference']))]
+        if report.get('inference') else []),
       ('F1 (Dice)', _fmt(m['dice'], '.4f')),
       ('IoU (dataset)', _fmt(m['iou'], '.4f')),
       ('IoU (per image)', _fmt(m['iou_per_image'], '.4f')),

@@ -1,0 +1,197 @@
+"""Evaluation through `sliding_window.make_predict_fn`: windows, TTA, ensembles.
+
+  output = whole_image_eval.evaluate(predict_fn, config, split, settings)
+
+`report.evaluate` runs training's eval step: one model, no TTA, images
+resized to the model's size. This loop runs any `make_predict_fn`
+predictor instead (an ensemble's mean logits, flips TTA, the sliding
+window) over the split's stored examples one by one
+(`whole_images.iterate_split`), and counts each image at its own size
+against its stored mask, exactly as `report.evaluate_native` does:
+
+  * with the window (`settings.window`) each image is normalised at its
+    own size (`whole_images.native_input`), predicted at that size and
+    thresholded (`metrics.predict_classes`): nothing is resized;
+  * without it (TTA or an ensemble on a whole-image model) each image is
+    preprocessed to the model's size (`preprocess_image`) and the mask
+    brought back with `restore_mask_size`, as predict.py writes it.
+
+Counts come from `metrics.class_counts` against the stored native mask,
+so the metric dict and `per_image` arrays have `evaluate_native`'s keys.
+The loss is not computed here (the window blends logits of tiles; a loss
+on them is not training's loss): `EvalOutput.loss` is None.
+
+Images of one shape are batched together (`images_per_call` per call,
+padded to it, so each distinct shape compiles once). With the window the
+tiles already fill the device (`settings.tile_batch_size` per call), so
+one image per call is the default.
+
+`on_image(index, predicted [H, W] int, truth [H, W] uint8)` is called for
+every image at native size (e.g. per-case metrics). Processes evaluate
+strided shares of the split; counts are summed and per-image rows
+gathered across them.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from lintunet_jax import metrics as metrics_lib
+from lintunet_jax.data import pipeline as input_pipeline
+from lintunet_jax.data import whole_images
+from lintunet_jax.evaluation import report as evaluation
+from lintunet_jax.evaluation import sliding_window
+
+ImageHook = Callable[[int, np.ndarray, np.ndarray], None]
+
+# Why the report has no loss in this mode (EvalOutput.notes).
+NO_LOSS_NOTE = ('loss not computed: predictions come from make_predict_fn '
+                '(sliding window / TTA / ensemble), whose blended logits '
+                "are not the training loss's input")
+
+
+def default_images_per_call(config, settings: sliding_window.InferenceSettings
+                            ) -> int:
+  """1 with the window (the tiles are the batch), else eval_batch_size."""
+  return 1 if settings.window else int(config.eval_batch_size)
+
+
+def evaluate(predict_fn: Callable[[jax.Array], jax.Array],
+             config: ml_collections.ConfigDict, split: str,
+             settings: sliding_window.InferenceSettings, *,
+             images_per_call: int | None = None, num_samples: int = 0,
+             progress: bool = False, on_image: ImageHook | None = None,
+             process_index: int | None = None,
+             process_count: int | None = None) -> evaluation.EvalOutput:
+  """Metrics of `predict_fn` over every example of `split` at native size.
+
+  `predict_fn`: images [B, H, W, C] float32 -> logits [B, H, W, K], from
+  `make_predict_fn(models, settings)`; `settings` must be the ones it was
+  built with (they say whether images are tiled at their own size or
+  resized). Returns `report.EvalOutput` with `metrics` (as
+  `metrics.compute_metrics`), `per_image` (index int64 [n], tp/fp/fn/tn
+  int64 [n, K]) and up to `num_samples` overlays (lists: stored image,
+  mask and prediction at native size).
+  """
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  total = evaluation.check_split(config, split)
+  images_per_call = int(images_per_call or default_images_per_call(config, settings))
+  if images_per_call < 1:
+    raise evaluation.EvaluationError(
+        f'images per call must be >= 1, got {images_per_call}')
+  num_classes = config.model.num_classes
+  num_counts = 1 if num_classes == 1 else num_classes
+
+  if settings.window:
+    prepare = lambda image: whole_images.native_input(image, config)  # pylint: disable=unnecessary-lambda-assignment
+  else:
+    prepare = lambda image: np.asarray(  # pylint: disable=unnecessary-lambda-assignment
+        input_pipeline.preprocess_image(image, config), np.float32)
+
+  accumulator = metrics_lib.MetricAccumulator()
+  rows: dict[str, list] = {k: [] for k in ('index', *evaluation.PER_IMAGE_KEYS)}
+  samples: dict[str, list] = {'image': [], 'mask': [], 'prediction': [], 'index': []}
+  sample_indices: set[int] = set()
+  # shape -> [(raw image, prepared, mask, index)] waiting for a full batch
+  waiting: dict[tuple[int, ...], list] = {}
+  in_flight: list = []  # dispatched (logits, items), drained in order
+
+  def dispatch(shape):
+    items = waiting.pop(shape)
+    batch = np.zeros((images_per_call, *shape), np.float32)
+    for i, item in enumerate(items):
+      batch[i] = item[1]
+    in_flight.append((predict_fn(jnp.asarray(batch)), items))
+
+  def drain():
+    logits, items = in_flight.pop(0)
+    classes = np.asarray(metrics_lib.predict_classes(logits, config.threshold))
+    for i, (raw, _, truth, index) in enumerate(items):
+      if settings.window:
+        predicted = classes[i]
+      else:
+        predicted = np.asarray(input_pipeline.restore_mask_size(
+            classes[i], truth.shape[:2], config))
+      if predicted.shape != truth.shape[:2]:
+        raise evaluation.EvaluationError(
+            f'example {index} of split {split!r}: image {raw.shape[:2]} and '
+            f'mask {truth.shape} differ in size')
+      counts = metrics_lib.class_counts(
+          predicted[None], truth[None], np.ones(1, np.float32),
+          num_classes=num_classes, xp=np)
+      accumulator.add(counts)
+      rows['index'].append(index)
+      for key in evaluation.PER_IMAGE_KEYS:
+        rows[key].append(np.asarray(counts[key], np.int64))
+      if on_image is not None:
+        on_image(index, predicted, truth)
+      if index in sample_indices:
+        for key, value in (('image', raw), ('mask', truth),
+                           ('prediction', predicted), ('index', index)):
+          samples[key].append(value)
+      if bar is not None:
+        bar.update(1)
+
+  bar = None
+  share = len(whole_images.process_share(total, process_index, process_count))
+  if progress and process_index == 0:
+    import tqdm  # pylint: disable=import-outside-toplevel
+    bar = tqdm.tqdm(total=share, desc=f'eval {split}', unit='img', leave=False)
+  start = time.perf_counter()
+  try:
+    examples = whole_images.iterate_split(
+        config, split, prepare=lambda image: image,
+        process_index=process_index, process_count=process_count)
+    for position, (raw, truth, index) in enumerate(examples):
+      if position < num_samples:
+        sample_indices.add(index)
+      prepared = prepare(raw)
+      waiting.setdefault(prepared.shape, []).append((raw, prepared, truth, index))
+      if len(waiting[prepared.shape]) == images_per_call:
+        dispatch(prepared.shape)
+      if len(in_flight) > 2:  # bound the device queue, keep it busy
+        drain()
+    for shape in list(waiting):
+      dispatch(shape)
+      drain()
+    while in_flight:
+      drain()
+  finally:
+    if bar is not None:
+      bar.close()
+  # Every process contributes the same number of per-image rows (padding
+  # rows have index -1), so they stack across processes.
+  per_process = -(-total // process_count)
+  for _ in range(per_process - len(rows['index'])):
+    rows['index'].append(-1)
+    for key in evaluation.PER_IMAGE_KEYS:
+      rows[key].append(np.zeros(num_counts, np.int64))
+  totals = evaluation._sum_over_processes(accumulator.totals)  # pylint: disable=protected-access
+  try:
+    result = metrics_lib.compute_metrics(totals)
+  except ValueError as e:
+    raise evaluation.EvaluationError(f'split {split!r} produced no images') from e
+  per_image = evaluation._gather_per_image({  # pylint: disable=protected-access
+      'index': np.asarray(rows['index'], np.int64),
+      **{k: np.stack(rows[k]).astype(np.int64) for k in evaluation.PER_IMAGE_KEYS}})
+  seconds = time.perf_counter() - start
+  notes = [NO_LOSS_NOTE]
+  if result['num_images'] != total:
+    notes.append(f"evaluated {result['num_images']} images but split "
+                 f'{split!r} has {total}')
+  if samples['index']:  # split order, as the other mode keeps them
+    order = np.argsort(samples['index'])
+    samples = {k: [v[i] for i in order] for k, v in samples.items()}
+    samples['index'] = np.asarray(samples['index'], np.int32)
+  else:
+    samples = None
+  return evaluation.EvalOutput(
+      metrics=result, loss=None, seconds=seconds, batch_size=images_per_call,
+      resolution='native', samples=samples, per_image=per_image, notes=notes)
