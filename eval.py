@@ -140,14 +140,14 @@ def config_and_overrides():
 
 def _evaluate(workdir: str | list[str], checkpoint: str | None, split: str | None, report: str | None,
               config, overrides) -> dict:
-  from lintunet_jax.evaluation import report as evaluation  # pylint: disable=import-outside-toplevel
+  from lintunet_jax.evaluation import whole_image_eval  # pylint: disable=import-outside-toplevel
   try:
     batch_sizes = ([int(b) for b in _TP_BATCH_SIZES.value]
                    if _TP_BATCH_SIZES.value else None)
   except ValueError:
     raise app.UsageError('--throughput_batch_sizes takes integers, e.g. 1,8,32, '
                          f'got {",".join(_TP_BATCH_SIZES.value)}') from None
-  return evaluation.run(
+  return whole_image_eval.run(
       workdir, checkpoint=checkpoint, split=split, config=config,
       report_path=report, num_overlays=_NUM_OVERLAYS.value,
       batch_size=_BATCH_SIZE.value,

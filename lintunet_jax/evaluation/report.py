@@ -461,7 +461,7 @@ def restore(workdir: str, checkpoint: str | int | None,
   return config, model, step, selector
 
 
-def run(workdir: str | Sequence[str], *, checkpoint: str | int | None = None,
+def run(workdir: str, *, checkpoint: str | int | None = None,
         split: str | None = None,
         config: ml_collections.ConfigDict | None = None,
         report_path: str | None = None, num_overlays: int = 4,
@@ -473,9 +473,6 @@ def run(workdir: str | Sequence[str], *, checkpoint: str | int | None = None,
         progress: bool = False, mesh: jax.sharding.Mesh | None = None,
         resolution: str = 'native',
         overrides: Mapping[str, Any] | None = None,
-        sliding_window: bool | None = None, overlap: float | None = None,
-        tta: str | None = None, tile_batch_size: int | None = None,
-        on_image=None,
         ) -> dict[str, Any]:
   """Restore, evaluate, time, draw, and write the report; returns it.
 
@@ -486,65 +483,49 @@ def run(workdir: str | Sequence[str], *, checkpoint: str | int | None = None,
   from `--config.a.b=value`) change fields of that config (see `restore`).
   `resolution`: where pixels are counted, a key of `RESOLUTIONS`. Only
   process 0 writes files.
-
-  Several workdirs (a sequence) are an ensemble: their logits are
-  averaged (`ensemble.restore_members` checks they agree; the first's
-  config, threshold and step name the report). `sliding_window`,
-  `overlap`, `tta` and `tile_batch_size` override config.inference
-  (`sliding_window.inference_settings`). With the window, TTA or an
-  ensemble the split is evaluated by `whole_image_eval.evaluate`
-  (native size, no loss; `on_image(index, predicted, truth)` is called
-  per image); otherwise by `evaluate`. Throughput always times the first
-  model's plain forward pass. `report['inference']` says which.
   """
-  from lintunet_jax.evaluation import ensemble  # pylint: disable=import-outside-toplevel
-  from lintunet_jax.evaluation import sliding_window as sw  # pylint: disable=import-outside-toplevel
-  from lintunet_jax.evaluation import whole_image_eval  # pylint: disable=import-outside-toplevel
-  workdirs = ([os.fspath(workdir)] if isinstance(workdir, (str, os.PathLike))
-              else [os.fspath(w) for w in workdir])
-  workdir = workdirs[0] if workdirs else ''
-
   if report_path:  # a bad URL fails before minutes of evaluation
     paths.check(report_path, '--report')
-  config_source = ('override (--config)' if config is not None else
-                   'saved (with the checkpoint, else DIR/config.json)')
-  if overrides:
-    config_source += ' with ' + ', '.join(
-        f'{k}={v!r}' for k, v in overrides.items())
-  members = ensemble.restore_members(workdirs, checkpoint, config, overrides)
-  config, model, step, selector = (members[0].config, members[0].model,
-                                   members[0].step, members[0].selector)
-  try:
-    settings = sw.inference_settings(
-        config, sliding_window=sliding_window, overlap=overlap, tta=tta,
-        tile_batch_size=tile_batch_size)
-  except ValueError as e:
-    raise EvaluationError(str(e)) from None
+  source = config_source(config, overrides)
+  config, model, step, selector = restore(workdir, checkpoint, config,
+                                          overrides=overrides)
   split = split or config.dataset.test_split
   mesh = mesh if mesh is not None else parallel.create_mesh()
-  whole = settings.window or settings.tta != 'none' or len(members) > 1
-  if whole:
-    if resolution != 'native':
-      raise EvaluationError(
-          f"resolution={resolution!r} needs the model's own eval step; the "
-          'sliding window, TTA and ensembles count at native size only')
-    local_mesh = (mesh if jax.process_count() == 1
-                  else parallel.create_mesh(jax.local_devices()))
-    predict_fn = sw.make_predict_fn([m.model for m in members], settings,
-                                    mesh=local_mesh)
-    output = whole_image_eval.evaluate(
-        predict_fn, config, split, settings, images_per_call=batch_size,
-        num_samples=num_overlays, progress=progress, on_image=on_image)
-    if measure_throughput:
-      output.notes.append(
-          "throughput: the first model's plain forward pass at model size "
-          '(not the window, TTA or ensemble)')
-  else:
-    output = evaluate(model, config, split, mesh=mesh, batch_size=batch_size,
-                      num_samples=num_overlays, progress=progress,
-                      resolution=resolution)
-  report_path = report_path or default_report_path(workdir, split, step,
-                                                   len(members))
+  output = evaluate(model, config, split, mesh=mesh, batch_size=batch_size,
+                    num_samples=num_overlays, progress=progress,
+                    resolution=resolution)
+  return finish(
+      workdir, selector=selector, step=step, config=config, model=model,
+      split=split, output=output, config_source=source, mesh=mesh,
+      report_path=report_path or default_report_path(workdir, split, step),
+      measure_throughput=measure_throughput,
+      throughput_batch_sizes=throughput_batch_sizes,
+      throughput_runs=throughput_runs, throughput_warmup=throughput_warmup,
+      peak_flops=peak_flops, measure_train_step=measure_train_step)
+
+
+def config_source(config: ml_collections.ConfigDict | None,
+                  overrides: Mapping[str, Any] | None) -> str:
+  """The report's `config_source`: which config, with which overrides."""
+  source = ('override (--config)' if config is not None else
+            'saved (with the checkpoint, else DIR/config.json)')
+  if overrides:
+    source += ' with ' + ', '.join(f'{k}={v!r}' for k, v in overrides.items())
+  return source
+
+
+def finish(workdir: str, *, selector: str | int, step: int,
+           config: ml_collections.ConfigDict, model: nnx.Module, split: str,
+           output: EvalOutput, config_source: str,  # pylint: disable=redefined-outer-name
+           mesh: jax.sharding.Mesh, report_path: str,
+           measure_throughput: bool = True,
+           throughput_batch_sizes: Sequence[int] | None = None,
+           throughput_runs: int = 20, throughput_warmup: int = 3,
+           peak_flops: float | None = None, measure_train_step: bool = False,
+           extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+  """What `run` does after the evaluation: times `model`, draws, builds the
+  report (with `extra` fields added) and writes it (process 0 only).
+  Shared with `whole_image_eval.run`."""
   out_dir = artifacts_dir(report_path)
   throughput = None
   if measure_throughput:
@@ -566,11 +547,7 @@ def run(workdir: str | Sequence[str], *, checkpoint: str | int | None = None,
       model_info=model_summary(model, config), split=split, output=output,
       throughput=throughput, train_throughput=train_throughput,
       artifacts=artifacts, config_source=config_source)
-  report['inference'] = {
-      **settings.describe(),
-      'evaluated_by': ('whole_image_eval (make_predict_fn)' if whole
-                       else 'eval step (one model, no TTA)'),
-      'members': [m.describe() for m in members]}
+  report.update(extra or {})
   report['report_path'] = paths.absolute(report_path)
   if writer:
     write_json(report_path, report)

@@ -1,6 +1,15 @@
 """Evaluation through `sliding_window.make_predict_fn`: windows, TTA, ensembles.
 
+  report = whole_image_eval.run(['runs/fold0', 'runs/fold1'], tta='flips')
   output = whole_image_eval.evaluate(predict_fn, config, split, settings)
+
+`run` is what eval.py does: `report.run` for one or several workdirs (an
+ensemble, `ensemble.restore_members`) with config.inference and the
+command line's window / TTA settings; the report gets an `inference` field.
+With none of window, TTA or ensemble it is exactly `report.run`'s
+evaluation (training's eval step); otherwise the split goes through
+`evaluate` below. Throughput always times the first model's plain forward
+pass (one model, model-size input), as a single-model report does.
 
 `report.evaluate` runs training's eval step: one model, no TTA, images
 resized to the model's size. This loop runs any `make_predict_fn`
@@ -34,8 +43,9 @@ gathered across them.
 
 from __future__ import annotations
 
+import os
 import time
-from typing import Callable
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -43,10 +53,13 @@ import ml_collections
 import numpy as np
 
 from lintunet_jax import metrics as metrics_lib
+from lintunet_jax import paths
 from lintunet_jax.data import pipeline as input_pipeline
 from lintunet_jax.data import whole_images
+from lintunet_jax.evaluation import ensemble
 from lintunet_jax.evaluation import report as evaluation
-from lintunet_jax.evaluation import sliding_window
+from lintunet_jax.evaluation import sliding_window as sw
+from lintunet_jax.training import parallel
 
 ImageHook = Callable[[int, np.ndarray, np.ndarray], None]
 
@@ -56,7 +69,7 @@ NO_LOSS_NOTE = ('loss not computed: predictions come from make_predict_fn '
                 "are not the training loss's input")
 
 
-def default_images_per_call(config, settings: sliding_window.InferenceSettings
+def default_images_per_call(config, settings: sw.InferenceSettings
                             ) -> int:
   """1 with the window (the tiles are the batch), else eval_batch_size."""
   return 1 if settings.window else int(config.eval_batch_size)
@@ -64,7 +77,7 @@ def default_images_per_call(config, settings: sliding_window.InferenceSettings
 
 def evaluate(predict_fn: Callable[[jax.Array], jax.Array],
              config: ml_collections.ConfigDict, split: str,
-             settings: sliding_window.InferenceSettings, *,
+             settings: sw.InferenceSettings, *,
              images_per_call: int | None = None, num_samples: int = 0,
              progress: bool = False, on_image: ImageHook | None = None,
              process_index: int | None = None,
@@ -195,3 +208,84 @@ def evaluate(predict_fn: Callable[[jax.Array], jax.Array],
   return evaluation.EvalOutput(
       metrics=result, loss=None, seconds=seconds, batch_size=images_per_call,
       resolution='native', samples=samples, per_image=per_image, notes=notes)
+
+
+def run(workdirs: str | Sequence[str], *, checkpoint: str | int | None = None,
+        split: str | None = None,
+        config: ml_collections.ConfigDict | None = None,
+        report_path: str | None = None, num_overlays: int = 4,
+        batch_size: int | None = None,
+        throughput_batch_sizes: Sequence[int] | None = None,
+        throughput_runs: int = 20, throughput_warmup: int = 3,
+        measure_throughput: bool = True, peak_flops: float | None = None,
+        measure_train_step: bool = False, progress: bool = False,
+        mesh: jax.sharding.Mesh | None = None, resolution: str = 'native',
+        overrides: Mapping[str, Any] | None = None,
+        sliding_window: bool | None = None, overlap: float | None = None,
+        tta: str | None = None, tile_batch_size: int | None = None,
+        on_image: ImageHook | None = None) -> dict[str, Any]:
+  """`report.run` for one workdir or an ensemble, with inference settings.
+
+  The arguments are `report.run`'s, plus: several `workdirs` (their logits
+  averaged; checked by `ensemble.restore_members`; the first's config,
+  threshold and step name the report, written by default to
+  `report.default_report_path(first, split, step, N)`), and
+  `sliding_window`, `overlap`, `tta`, `tile_batch_size` on top of
+  config.inference (`sliding_window.inference_settings`). `on_image` is
+  called per image in the window / TTA / ensemble mode. The report gets
+  `inference`: the settings, `evaluated_by` and every member's workdir and
+  step.
+  """
+  if report_path:  # a bad URL fails before minutes of evaluation
+    paths.check(report_path, '--report')
+  workdirs = ([os.fspath(workdirs)] if isinstance(workdirs, (str, os.PathLike))
+              else [os.fspath(w) for w in workdirs])
+  source = evaluation.config_source(config, overrides)
+  members = ensemble.restore_members(workdirs, checkpoint, config, overrides)
+  first = members[0]
+  config = first.config
+  try:
+    settings = sw.inference_settings(
+        config, sliding_window=sliding_window, overlap=overlap, tta=tta,
+        tile_batch_size=tile_batch_size)
+  except ValueError as e:
+    raise evaluation.EvaluationError(str(e)) from None
+  split = split or config.dataset.test_split
+  mesh = mesh if mesh is not None else parallel.create_mesh()
+  whole = settings.window or settings.tta != 'none' or len(members) > 1
+  if whole:
+    if resolution != 'native':
+      raise evaluation.EvaluationError(
+          f"resolution={resolution!r} needs the model's own eval step; the "
+          'sliding window, TTA and ensembles count at native size only')
+    # Each process predicts its own images: the model calls are split over
+    # this process's devices only.
+    local_mesh = (mesh if jax.process_count() == 1
+                  else parallel.create_mesh(jax.local_devices()))
+    predict_fn = sw.make_predict_fn(
+        [m.model for m in members], settings, mesh=local_mesh)
+    output = evaluate(predict_fn, config, split, settings,
+                      images_per_call=batch_size, num_samples=num_overlays,
+                      progress=progress, on_image=on_image)
+    if measure_throughput:
+      output.notes.append(
+          "throughput: the first model's plain forward pass at model size "
+          '(not the window, TTA or ensemble)')
+  else:
+    output = evaluation.evaluate(first.model, config, split, mesh=mesh,
+                                 batch_size=batch_size, num_samples=num_overlays,
+                                 progress=progress, resolution=resolution)
+  inference = {**settings.describe(),
+               'evaluated_by': ('whole_image_eval (make_predict_fn)' if whole
+                                else 'eval step (one model, no TTA)'),
+               'members': [m.describe() for m in members]}
+  return evaluation.finish(
+      first.workdir, selector=first.selector, step=first.step, config=config,
+      model=first.model, split=split, output=output, config_source=source,
+      mesh=mesh, report_path=report_path or evaluation.default_report_path(
+          first.workdir, split, first.step, len(members)),
+      measure_throughput=measure_throughput,
+      throughput_batch_sizes=throughput_batch_sizes,
+      throughput_runs=throughput_runs, throughput_warmup=throughput_warmup,
+      peak_flops=peak_flops, measure_train_step=measure_train_step,
+      extra={'inference': inference})
