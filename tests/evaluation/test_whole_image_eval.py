@@ -118,3 +118,23 @@ def test_ensemble_report_states_tta_and_equals_its_single_member(setup):
   with pytest.raises(evaluation.EvaluationError, match='native size only'):
     whole_image_eval.run(setup['workdir'], resolution='model',
                          sliding_window=True, measure_throughput=False)
+
+
+def test_process_shares_add_up_to_the_whole_split(setup):
+  # Two processes' strided shares (run here one after the other): together
+  # every image once, each counted as in the one-process run.
+  config, model = setup['config'], setup['model']
+  settings = sw.inference_settings(config, tta='flips')
+  predict_fn = sw.make_predict_fn([model], settings)
+  whole = whole_image_eval.evaluate(predict_fn, config, 'test', settings)
+  shares = [whole_image_eval.evaluate(predict_fn, config, 'test', settings,
+                                      process_index=p, process_count=2)
+            for p in range(2)]
+  assert [s.per_image['index'].tolist() for s in shares] == [
+      list(range(0, 64, 2)), list(range(1, 64, 2))]
+  for key in ('tp', 'fp', 'fn', 'tn'):
+    merged = np.zeros_like(whole.per_image[key])
+    for p, share in enumerate(shares):
+      merged[p::2] = share.per_image[key]
+    np.testing.assert_array_equal(merged, whole.per_image[key])
+  assert sum(s.metrics['num_images'] for s in shares) == 64
