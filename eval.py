@@ -1,8 +1,9 @@
 r"""Evaluate a trained workdir: metrics over a whole split, throughput, pictures.
 
-  python eval.py --workdir DIR [--checkpoint best|latest|STEP] [--split test] \
-      [--report PATH] [--compare DIR2] [--resolution native|model] \
-      [--config.a.b=value ...] [--config configs/x.py[:variant]]
+  python eval.py --workdir DIR [--workdir DIR2 ...] [--checkpoint best|latest|STEP] \
+      [--split test] [--report PATH] [--compare DIR3] [--resolution native|model] \
+      [--sliding_window|--nosliding_window] [--overlap 0.5] [--tta none|flips] \
+      [--tile_batch_size N] [--config.a.b=value ...] [--config configs/x.py[:variant]]
 
 Restores the checkpoint and the config saved with it, evaluates every
 image of the split once, times the jit-compiled forward pass at batch sizes
@@ -27,6 +28,17 @@ and the table's "Counted at" row say which. At native resolution each image
 is also a case of per-case metrics (Dice, IoU, normalized surface Dice at
 `--nsd_tolerance` pixels, HD95), written in nnU-Net's summary.json layout.
 
+Sliding window, TTA, ensembles (docs/evaluation.md): `--sliding_window`
+predicts each image at its own size tile by tile (the default for models
+trained with dataset.patch_size), `--tta flips` averages the four
+mirrorings, and several `--workdir`s (e.g. 5 cross-validation folds) are
+averaged as one ensemble. In any of these modes every image is predicted
+by `sliding_window.make_predict_fn` and counted at its own size (no loss
+is computed: the table shows n/a); the report's `inference` field and the
+table's "Inference" row state the settings. An ensemble's report goes to
+DIR/eval/<split>-ensemble<N>-<step>.json (DIR, step: the first workdir's);
+its throughput is the first model's plain forward pass.
+
 `--config.a.b=value` changes one field of the saved config, e.g.
 `--config.model.attention.kernel=xla` to evaluate off GPU a model trained
 with the Pallas kernel, or `--config.dataset.data_dir=...`; the checkpoint
@@ -44,7 +56,9 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir to evaluate.')
+_WORKDIR = flags.DEFINE_multi_string(
+    'workdir', None, 'Training workdir to evaluate; give it several times to '
+    "evaluate an ensemble (the mean of the models' logits).")
 _CHECKPOINT = flags.DEFINE_string(
     'checkpoint', None, "'best' (highest validation IoU), 'latest' or a step "
     "number. Default: 'best' when checkpoints have validation metrics, else "
@@ -52,7 +66,8 @@ _CHECKPOINT = flags.DEFINE_string(
 _SPLIT = flags.DEFINE_string(
     'split', None, "Split to evaluate (default: the config's dataset.test_split).")
 _REPORT = flags.DEFINE_string(
-    'report', None, 'Report path (default DIR/eval/<split>-<step>.json); '
+    'report', None, 'Report path (default DIR/eval/<split>-<step>.json, '
+    'for an ensemble of N the first DIR/eval/<split>-ensemble<N>-<step>.json); '
     'pictures go to the same path without .json.')
 # The default file only gives `--config.a.b=value` its field types; without
 # --config=FILE the overrides apply to the config saved in the workdir.
@@ -80,7 +95,9 @@ _COMPARE_CHECKPOINT = flags.DEFINE_string(
     'compare_checkpoint', None, "Checkpoint of --compare (default: as "
     "--checkpoint, or its default when that is a step number).")
 _BATCH_SIZE = flags.DEFINE_integer(
-    'batch_size', None, "Eval batch size (default: the config's eval_batch_size).")
+    'batch_size', None, "Eval batch size (default: the config's "
+    'eval_batch_size; with the sliding window, images per call, default 1: '
+    'the tiles are the batch).')
 _NUM_OVERLAYS = flags.DEFINE_integer('num_overlays', 4, 'Overlay PNGs to save.')
 _THROUGHPUT = flags.DEFINE_boolean('throughput', True, 'Time the forward pass.')
 _TP_BATCH_SIZES = flags.DEFINE_list(
@@ -95,6 +112,19 @@ _TRAIN_THROUGHPUT = flags.DEFINE_boolean(
     'train_throughput', False, 'Also time a training step (forward, backward, '
     "update) at the config's batch_size; compiling it takes a while.")
 _PROGRESS = flags.DEFINE_boolean('progress', True, 'Show a progress bar.')
+_SLIDING_WINDOW = flags.DEFINE_boolean(
+    'sliding_window', None, "Predict each image at its own size with a "
+    "sliding window of the model's input size (default: the config's "
+    'inference.sliding_window; on for models trained with dataset.patch_size).')
+_OVERLAP = flags.DEFINE_float(
+    'overlap', None, 'Share of a tile overlapping its neighbour, in [0, 1) '
+    "(default: the config's inference.overlap, 0.5).")
+_TTA = flags.DEFINE_enum(
+    'tta', None, ['none', 'flips'], "Test-time augmentation (default: the "
+    "config's inference.tta, 'none'); 'flips' averages the four mirrorings.")
+_TILE_BATCH_SIZE = flags.DEFINE_integer(
+    'tile_batch_size', None, 'Tile positions per model call (default: the '
+    "config's inference.tile_batch_size, else eval_batch_size).")
 _REQUIRE_ACCELERATOR = flags.DEFINE_boolean(
     'require_accelerator', None, 'Stop at once if JAX finds no GPU/TPU '
     "(default: --config's require_accelerator if --config is given, else "
@@ -118,16 +148,16 @@ def config_and_overrides():
   return None, dict(config_flags.get_override_values(flags.FLAGS['config'])) or None
 
 
-def _evaluate(workdir: str, checkpoint: str | None, split: str | None, report: str | None,
+def _evaluate(workdir: str | list[str], checkpoint: str | None, split: str | None, report: str | None,
               config, overrides) -> dict:
-  from lintunet_jax.evaluation import report as evaluation  # pylint: disable=import-outside-toplevel
+  from lintunet_jax.evaluation import whole_image_eval  # pylint: disable=import-outside-toplevel
   try:
     batch_sizes = ([int(b) for b in _TP_BATCH_SIZES.value]
                    if _TP_BATCH_SIZES.value else None)
   except ValueError:
     raise app.UsageError('--throughput_batch_sizes takes integers, e.g. 1,8,32, '
                          f'got {",".join(_TP_BATCH_SIZES.value)}') from None
-  return evaluation.run(
+  return whole_image_eval.run(
       workdir, checkpoint=checkpoint, split=split, config=config,
       report_path=report, num_overlays=_NUM_OVERLAYS.value,
       batch_size=_BATCH_SIZE.value,
@@ -135,7 +165,9 @@ def _evaluate(workdir: str, checkpoint: str | None, split: str | None, report: s
       throughput_warmup=_TP_WARMUP.value, measure_throughput=_THROUGHPUT.value,
       peak_flops=_PEAK_FLOPS.value, measure_train_step=_TRAIN_THROUGHPUT.value,
       progress=_PROGRESS.value, resolution=_RESOLUTION.value, overrides=overrides,
-      nsd_tolerance=_NSD_TOLERANCE.value)
+      nsd_tolerance=_NSD_TOLERANCE.value,
+      sliding_window=_SLIDING_WINDOW.value, overlap=_OVERLAP.value,
+      tta=_TTA.value, tile_batch_size=_TILE_BATCH_SIZE.value)
 
 
 def main(argv):

@@ -1,16 +1,30 @@
-r"""Segment new images with a trained model.
+r"""Segment new images with a trained model, or the mean of several.
 
-  python predict.py --workdir DIR --input PATH [PATH...] --output OUTDIR \
-      [--checkpoint best|latest|STEP] [--save-logits] [--overlay] [--recursive]
+  python predict.py --workdir DIR [--workdir DIR2 ...] --input PATH [PATH...] \
+      --output OUTDIR [--checkpoint best|latest|STEP] [--save-logits] \
+      [--overlay] [--recursive] [--sliding_window|--nosliding_window] \
+      [--overlap 0.5] [--tta none|flips] [--tile_batch_size N]
 
 PATH: image files or folders (their image files); DIR, PATH and OUTDIR may
 be gs:// URLs (docs/evaluation.md). For each image
 `<stem>.<ext>` it writes OUTDIR/<stem>.png, the mask at the image's own
 size (0/255 for binary models, class ids for multi-class ones); with
 `--overlay` also <stem>_overlay.png, and with `--save-logits` <stem>.npy,
-the float32 logits [S, S, C] at model resolution. Images that cannot be read
+the float32 logits: [S, S, C] at model resolution, or [H, W, C] at the
+image's own size with the sliding window. Images that cannot be read
 are skipped with a warning and listed at the end; the exit status is 1 if
 any was skipped, 2 if nothing could be done.
+
+`--sliding_window` predicts each image at its own size, tile by tile
+(tiles of the model's input size, `--overlap` of a tile between
+neighbours, Gaussian blending; nnU-Net's way), instead of resizing it to
+the model's size; it is the default for models trained on patches
+(dataset.patch_size). `--tta flips` averages the logits of the four
+mirrorings. Several `--workdir`s are an ensemble (e.g. the folds of a
+cross-validation): their logits are averaged; they must agree on input
+size, channels, classes and normalisation, and the first's threshold and
+preprocessing are used. Work is split over all local devices.
+predictions.json records every workdir and step and the inference settings.
 
 `--config.a.b=value` changes one field of the saved config, e.g.
 `--config.model.attention.kernel=xla` off GPU for a model trained with the
@@ -29,7 +43,9 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir.')
+_WORKDIR = flags.DEFINE_multi_string(
+    'workdir', None, 'Training workdir; give it several times for an '
+    'ensemble (the mean of the models\' logits).')
 _INPUT = flags.DEFINE_multi_string(
     'input', None, 'Image files or folders; several may follow one --input.')
 _OUTPUT = flags.DEFINE_string('output', None, 'Output folder.')
@@ -47,7 +63,21 @@ _SAVE_LOGITS = flags.DEFINE_boolean(
 _OVERLAY = flags.DEFINE_boolean('overlay', False, 'Also save overlay PNGs.')
 _RECURSIVE = flags.DEFINE_boolean('recursive', False, 'Descend into sub-folders.')
 _BATCH_SIZE = flags.DEFINE_integer(
-    'batch_size', None, "Images per batch (default: the config's eval_batch_size).")
+    'batch_size', None, "Images per batch (default: the config's "
+    'eval_batch_size; 1 with the sliding window, whose tiles are the batch).')
+_SLIDING_WINDOW = flags.DEFINE_boolean(
+    'sliding_window', None, "Predict each image at its own size with a "
+    "sliding window of the model's input size (default: the config's "
+    'inference.sliding_window; on for models trained with dataset.patch_size).')
+_OVERLAP = flags.DEFINE_float(
+    'overlap', None, 'Share of a tile overlapping its neighbour, in [0, 1) '
+    "(default: the config's inference.overlap, 0.5).")
+_TTA = flags.DEFINE_enum(
+    'tta', None, ['none', 'flips'], "Test-time augmentation (default: the "
+    "config's inference.tta, 'none'); 'flips' averages the four mirrorings.")
+_TILE_BATCH_SIZE = flags.DEFINE_integer(
+    'tile_batch_size', None, 'Tile positions per model call (default: the '
+    "config's inference.tile_batch_size, else eval_batch_size).")
 _REQUIRE_ACCELERATOR = flags.DEFINE_boolean(
     'require_accelerator', None, 'Stop at once if JAX finds no GPU/TPU '
     "(default: --config's require_accelerator if --config is given, else False).")
@@ -63,12 +93,16 @@ def main(argv):
   from lintunet_jax import paths  # pylint: disable=import-outside-toplevel
   try:  # a URL nothing can write to fails before any work
     output = paths.check(_OUTPUT.value, '--output')
-    paths.check(_WORKDIR.value, '--workdir')
+    for workdir in _WORKDIR.value:
+      paths.check(workdir, '--workdir')
   except paths.UnsupportedPathError as e:
     print(f'predict.py: error: {e}', file=sys.stderr)
     return 2
+  import jax  # pylint: disable=import-outside-toplevel
+  from lintunet_jax.evaluation import ensemble  # pylint: disable=import-outside-toplevel
   from lintunet_jax.evaluation import report as evaluation  # pylint: disable=import-outside-toplevel
   from lintunet_jax.evaluation import prediction  # pylint: disable=import-outside-toplevel
+  from lintunet_jax.evaluation import sliding_window  # pylint: disable=import-outside-toplevel
   from lintunet_jax.training import parallel  # pylint: disable=import-outside-toplevel
   try:
     print(parallel.format_platform(parallel.check_accelerator(
@@ -91,25 +125,41 @@ def main(argv):
     config = None
     overrides = dict(config_flags.get_override_values(flags.FLAGS['config'])) or None
   try:
-    config, model, step, selector = evaluation.restore(
-        _WORKDIR.value, _CHECKPOINT.value, config, overrides=overrides)
-  except evaluation.USER_ERRORS as e:
+    members = ensemble.restore_members(_WORKDIR.value, _CHECKPOINT.value,
+                                       config, overrides=overrides)
+    config = members[0].config
+    settings = sliding_window.inference_settings(
+        config, sliding_window=_SLIDING_WINDOW.value, overlap=_OVERLAP.value,
+        tta=_TTA.value, tile_batch_size=_TILE_BATCH_SIZE.value)
+  except (*evaluation.USER_ERRORS, ValueError) as e:
     print(f'predict.py: error: {e}', file=sys.stderr)
     return 2
-  print(f'{config.model.name} from {_WORKDIR.value}, checkpoint {selector} '
-        f'(step {step}), input {config.dataset.image_size}px')
+  for m in members:
+    print(f'{m.config.model.name} from {m.workdir}, checkpoint {m.selector} '
+          f'(step {m.step})')
+  size = settings.tile_size
+  print(f'input {size}px; ' + (
+      f'sliding window (overlap {settings.overlap:g}) at each image\'s size'
+      if settings.window else f'images resized to {size}px')
+        + f', tta {settings.tta}'
+        + (f', mean of {len(members)} models' if len(members) > 1 else ''))
+  mesh = parallel.create_mesh(jax.local_devices())
   try:
     summary = prediction.predict_paths(
-        model, config, inputs, _OUTPUT.value, batch_size=_BATCH_SIZE.value,
-        save_logits=_SAVE_LOGITS.value, overlays=_OVERLAY.value,
-        recursive=_RECURSIVE.value)
+        [m.model for m in members], config, inputs, _OUTPUT.value,
+        batch_size=_BATCH_SIZE.value, save_logits=_SAVE_LOGITS.value,
+        overlays=_OVERLAY.value, recursive=_RECURSIVE.value,
+        settings=settings, mesh=mesh)
   except prediction.PredictionError as e:
     print(f'predict.py: error: {e}', file=sys.stderr)
     return 2
   output.mkdir(parents=True, exist_ok=True)
+  first = members[0]
   paths.write_text(output / 'predictions.json', json.dumps(
-      {'workdir': paths.absolute(_WORKDIR.value), 'step': step,
-       'checkpoint': str(selector), 'threshold': config.threshold,
+      {'workdir': paths.absolute(first.workdir), 'step': first.step,
+       'checkpoint': str(first.selector), 'threshold': config.threshold,
+       'members': [m.describe() for m in members],
+       'inference': settings.describe(),
        'written': summary.written,
        'skipped': [{'input': p, 'reason': r} for p, r in summary.skipped],
        'ignored': summary.ignored}, indent=2))

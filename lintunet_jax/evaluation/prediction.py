@@ -2,22 +2,37 @@
 
   summary = prediction.predict_paths(model, config, ['scan.png', 'folder/'],
                                      'out/', save_logits=True, overlays=True)
+  summary = prediction.predict_paths([fold0, fold1], config, inputs, 'out/',
+                                     settings=inference_settings(config,
+                                         sliding_window=True, tta='flips'))
 
 Inputs are image files or folders (their image files, sorted; with
 `recursive=True` also those of sub-folders). Each image is read with
 `image_io.read_image` (the one decoder, so prediction sees what training
-saw), preprocessed with `input_pipeline.preprocess_image` (resize/pad to the
-model's size, normalisation), run through the jit-compiled forward pass in
-fixed-size batches (the last one padded, so one compilation serves all),
-thresholded as in evaluation (`metrics.predict_classes`), and brought back
-to the image's own size with `input_pipeline.restore_mask_size`.
+saw) and run through `sliding_window.make_predict_fn` (one model or the
+mean of several, with the settings' TTA), then thresholded as in
+evaluation (`metrics.predict_classes`). `settings` (default:
+`inference_settings(config)`) chooses the geometry:
+
+  * without the window: preprocessed with `input_pipeline.preprocess_image`
+    (resize/pad to the model's size, normalisation), predicted in
+    fixed-size batches (the last one padded, so one compilation serves
+    all), the mask brought back to the image's own size with
+    `input_pipeline.restore_mask_size`;
+  * with the window (`settings.window`, the default for models trained on
+    patches): normalised at its own size (`whole_images.native_input`)
+    and predicted tile by tile at that size, nothing resized. Images are
+    grouped by shape (one compilation per distinct shape; a batch of one
+    shape is padded to `batch_size`, default 1: the tiles are the batch).
 
 Per input `<stem>` it writes to the output folder:
   <stem>.png          the mask at the input's size: 0/255 for binary models,
                       class ids 0..C-1 for multi-class models (uint8 L).
   <stem>_overlay.png  with `overlays`: image | prediction, side by side.
-  <stem>.npy          with `save_logits`: float32 [S, S, C] raw logits at
-                      model resolution (before resizing back).
+  <stem>.npy          with `save_logits`: float32 raw logits (the ensemble's
+                      mean, after TTA): [S, S, C] at model resolution
+                      (before resizing back) without the window, [H, W, C]
+                      at the image's own size with it.
 
 An input that cannot be read is skipped with a warning; the others are
 still processed and the skipped ones are listed in the summary.
@@ -42,7 +57,9 @@ from PIL import Image
 from lintunet_jax import paths
 from lintunet_jax.data import image_io
 from lintunet_jax.data import pipeline as input_pipeline
+from lintunet_jax.data import whole_images
 from lintunet_jax import metrics as metrics_lib
+from lintunet_jax.evaluation import sliding_window
 from lintunet_jax.evaluation import visualize
 
 
@@ -156,22 +173,34 @@ def mask_to_png_array(mask: np.ndarray, num_classes: int) -> np.ndarray:
   return mask.astype(np.uint8)
 
 
-def _load(path: pathlib.Path, config) -> tuple[np.ndarray, np.ndarray]:
-  """(original uint8 image, preprocessed float32 [S,S,C]); raises on bad input."""
+def _load(path: pathlib.Path, config, native: bool = False
+          ) -> tuple[np.ndarray, np.ndarray]:
+  """(original uint8 image, preprocessed float32 [S,S,C], or [H,W,C] at the
+  image's own size when `native`); raises on bad input."""
   original = image_io.read_image(path)
   try:
-    prepared = input_pipeline.preprocess_image(original, config)
+    prepared = (whole_images.native_input(original, config) if native else
+                input_pipeline.preprocess_image(original, config))
   except (ValueError, TypeError) as e:
     raise image_io.ImageReadError(path, f'cannot be preprocessed ({e})') from None
   return original, np.asarray(prepared, np.float32)
 
 
-def predict_paths(model: nnx.Module, config: ml_collections.ConfigDict,
+def predict_paths(model: nnx.Module | Sequence[nnx.Module],
+                  config: ml_collections.ConfigDict,
                   inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
                   *, batch_size: int | None = None, save_logits: bool = False,
                   overlays: bool = False, recursive: bool = False,
-                  progress: bool | None = None) -> PredictSummary:
-  """Masks (and optionally overlays and logits) for every readable input."""
+                  progress: bool | None = None,
+                  settings: sliding_window.InferenceSettings | None = None,
+                  mesh: jax.sharding.Mesh | None = None) -> PredictSummary:
+  """Masks (and optionally overlays and logits) for every readable input.
+
+  `model`: one model, or several (an ensemble: their logits averaged) that
+  read `config`'s input. `settings`: window / TTA (default
+  `sliding_window.inference_settings(config)`). `mesh`: devices to split
+  each call's rows over (predict.py: all local devices).
+  """
   files, skipped, ignored = collect_inputs(inputs, recursive=recursive)
   summary = PredictSummary(skipped=list(skipped), ignored=ignored)
   for path, why in skipped:
@@ -192,12 +221,15 @@ def predict_paths(model: nnx.Module, config: ml_collections.ConfigDict,
             f'writing {target} would overwrite an input image; choose an '
             '--output folder that is not an input folder')
   out_dir.mkdir(parents=True, exist_ok=True)
-  batch_size = int(batch_size or config.eval_batch_size)
+  settings = settings or sliding_window.inference_settings(config)
+  native = settings.window
+  batch_size = int(batch_size or (1 if native else config.eval_batch_size))
   batch_size = max(1, min(batch_size, len(files)))
   size = input_pipeline.model_input_size(config)
   shape = (size, size, config.model.in_channels)
   num_classes = config.model.num_classes
-  forward = make_forward(model)
+  members = list(model) if isinstance(model, (list, tuple)) else [model]
+  forward = sliding_window.make_predict_fn(members, settings, mesh=mesh)
   if progress is None:
     progress = len(files) > 1
   bar = None
@@ -205,19 +237,24 @@ def predict_paths(model: nnx.Module, config: ml_collections.ConfigDict,
     import tqdm  # pylint: disable=import-outside-toplevel
     bar = tqdm.tqdm(total=len(files), desc='predict', unit='img')
 
-  pending: list[tuple[pathlib.Path, str, np.ndarray, np.ndarray]] = []
+  # Prepared images waiting for a full batch, by shape (one without the
+  # window; one per distinct image size with it).
+  waiting: dict[tuple[int, ...], list[tuple[pathlib.Path, str, np.ndarray,
+                                            np.ndarray]]] = {}
 
-  def flush():
+  def flush(image_shape):
+    pending = waiting.pop(image_shape, [])
     if not pending:
       return
-    images = np.zeros((batch_size, *shape), np.float32)
+    images = np.zeros((batch_size, *image_shape), np.float32)
     for i, (_, _, _, prepared) in enumerate(pending):
       images[i] = prepared
     logits = forward(jnp.asarray(images))
     classes = np.asarray(metrics_lib.predict_classes(logits, config.threshold))
     logits = np.asarray(logits)
     for i, (path, stem, original, _) in enumerate(pending):
-      mask = input_pipeline.restore_mask_size(classes[i], original.shape[:2], config)
+      mask = (classes[i] if native else input_pipeline.restore_mask_size(
+          classes[i], original.shape[:2], config))
       mask = np.asarray(mask)
       entry = {'input': str(path), 'mask': str(out_dir / f'{stem}.png'),
                'original_size': list(original.shape[:2]),
@@ -237,28 +274,30 @@ def predict_paths(model: nnx.Module, config: ml_collections.ConfigDict,
       summary.written.append(entry)
     if bar is not None:
       bar.update(len(pending))
-    pending.clear()
 
   for path, stem in zip(files, stems):
     try:
-      original, prepared = _load(path, config)
+      original, prepared = _load(path, config, native=native)
     except image_io.ImageReadError as e:
       warn(f'skipping {e}')
       summary.skipped.append((str(path), e.problem))
       if bar is not None:
         bar.update(1)
       continue
-    if prepared.shape != shape:
-      why = f'preprocessed to {prepared.shape}, model expects {shape}'
+    expected = (*prepared.shape[:2], shape[-1]) if native else shape
+    if prepared.shape != expected:
+      why = f'preprocessed to {prepared.shape}, model expects {expected}'
       warn(f'skipping {path}: {why}')
       summary.skipped.append((str(path), why))
       if bar is not None:
         bar.update(1)
       continue
-    pending.append((path, stem, original, prepared))
-    if len(pending) == batch_size:
-      flush()
-  flush()
+    group = waiting.setdefault(prepared.shape, [])
+    group.append((path, stem, original, prepared))
+    if len(group) == batch_size:
+      flush(prepared.shape)
+  for image_shape in list(waiting):
+    flush(image_shape)
   if bar is not None:
     bar.close()
   return summary

@@ -336,8 +336,12 @@ def evaluate(model: nnx.Module, config: ml_collections.ConfigDict, split: str,
 # The report.
 
 
-def default_report_path(workdir: str, split: str, step: int) -> str:
-  return os.fspath(epath.Path(workdir) / 'eval' / f'{split}-{step}.json')
+def default_report_path(workdir: str, split: str, step: int,
+                        num_members: int = 1) -> str:
+  """DIR/eval/<split>-<step>.json; an ensemble of N workdirs writes
+  <split>-ensemble<N>-<step>.json under the first, never a member's name."""
+  name = f'{split}-{step}' if num_members == 1 else f'{split}-ensemble{num_members}-{step}'
+  return os.fspath(epath.Path(workdir) / 'eval' / f'{name}.json')
 
 
 def cases_path(report_path: str) -> str:
@@ -525,11 +529,7 @@ def run(workdir: str, *, checkpoint: str | int | None = None,
   """
   if report_path:  # a bad URL fails before minutes of evaluation
     paths.check(report_path, '--report')
-  config_source = ('override (--config)' if config is not None else
-                   'saved (with the checkpoint, else DIR/config.json)')
-  if overrides:
-    config_source += ' with ' + ', '.join(
-        f'{k}={v!r}' for k, v in overrides.items())
+  source = config_source(config, overrides)
   config, model, step, selector = restore(workdir, checkpoint, config,
                                           overrides=overrides)
   split = split or config.dataset.test_split
@@ -538,7 +538,38 @@ def run(workdir: str, *, checkpoint: str | int | None = None,
                     num_samples=num_overlays, progress=progress,
                     resolution=resolution, nsd_tolerance=nsd_tolerance,
                     case_names=case_names)
-  report_path = report_path or default_report_path(workdir, split, step)
+  return finish(
+      workdir, selector=selector, step=step, config=config, model=model,
+      split=split, output=output, config_source=source, mesh=mesh,
+      report_path=report_path or default_report_path(workdir, split, step),
+      measure_throughput=measure_throughput,
+      throughput_batch_sizes=throughput_batch_sizes,
+      throughput_runs=throughput_runs, throughput_warmup=throughput_warmup,
+      peak_flops=peak_flops, measure_train_step=measure_train_step)
+
+
+def config_source(config: ml_collections.ConfigDict | None,
+                  overrides: Mapping[str, Any] | None) -> str:
+  """The report's `config_source`: which config, with which overrides."""
+  source = ('override (--config)' if config is not None else
+            'saved (with the checkpoint, else DIR/config.json)')
+  if overrides:
+    source += ' with ' + ', '.join(f'{k}={v!r}' for k, v in overrides.items())
+  return source
+
+
+def finish(workdir: str, *, selector: str | int, step: int,
+           config: ml_collections.ConfigDict, model: nnx.Module, split: str,
+           output: EvalOutput, config_source: str,  # pylint: disable=redefined-outer-name
+           mesh: jax.sharding.Mesh, report_path: str,
+           measure_throughput: bool = True,
+           throughput_batch_sizes: Sequence[int] | None = None,
+           throughput_runs: int = 20, throughput_warmup: int = 3,
+           peak_flops: float | None = None, measure_train_step: bool = False,
+           extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+  """What `run` does after the evaluation: times `model`, draws, builds the
+  report (with `extra` fields added) and writes it (process 0 only).
+  Shared with `whole_image_eval.run`."""
   out_dir = artifacts_dir(report_path)
   throughput = None
   if measure_throughput:
@@ -572,6 +603,7 @@ def run(workdir: str, *, checkpoint: str | int | None = None,
         'foreground_mean': output.per_case['foreground_mean'],
         'empty_cases': output.per_case['empty_cases'],
     }
+  report.update(extra or {})
   report['report_path'] = paths.absolute(report_path)
   if writer:
     write_json(report_path, report)
@@ -608,6 +640,18 @@ def _resolution_label(report: dict) -> str:
   return f'model {size}x{size}'
 
 
+def inference_label(inference: dict) -> str:
+  """'window 32px overlap 0.5, tta flips, 5 models' (report['inference'])."""
+  if inference['window']:
+    parts = [f"window {inference['tile_size']}px overlap {inference['overlap']:g}"]
+  else:
+    parts = [f"whole image at {inference['tile_size']}px"]
+  parts.append(f"tta {inference['tta']}")
+  count = len(inference.get('members', [])) or 1
+  parts.append(f"{count} model{'s' if count > 1 else ''}")
+  return ', '.join(parts)
+
+
 def table_rows(report: dict) -> list[tuple[str, str]]:
   """(label, value) rows of one report, in the seed's table order."""
   m = report['metrics']
@@ -615,6 +659,8 @@ def table_rows(report: dict) -> list[tuple[str, str]]:
   rows = [
       ('Checkpoint', f'{ckpt["requested"]} (step {ckpt["step"]})'),
       ('Counted at', _resolution_label(report)),
+      *([('Inference', inference_label(report['inference']))]
+        if report.get('inference') else []),
       ('F1 (Dice)', _fmt(m['dice'], '.4f')),
       ('IoU (dataset)', _fmt(m['iou'], '.4f')),
       ('IoU (per image)', _fmt(m['iou_per_image'], '.4f')),

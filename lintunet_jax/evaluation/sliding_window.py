@@ -285,8 +285,18 @@ def make_predict_fn(models: Sequence[nnx.Module], settings: InferenceSettings,
 
   if mesh is not None:
     axis = mesh.axis_names[0]
-    forward = jax.shard_map(forward, mesh=mesh, in_specs=(P(), P(axis)),
+    sharded = jax.shard_map(forward, mesh=mesh, in_specs=(P(), P(axis)),
                             out_specs=P(axis))
+
+    def forward(all_variables, tiles):  # pylint: disable=function-redefined
+      # Rows padded to a multiple of the devices: an image of fewer tiles
+      # than the tile batch, or a plain batch of any size, still splits.
+      rows = tiles.shape[0]
+      extra = -rows % devices
+      if extra:
+        tiles = jnp.concatenate(
+            [tiles, jnp.zeros((extra, *tiles.shape[1:]), tiles.dtype)])
+      return sharded(all_variables, tiles)[:rows]
 
   @jax.jit
   def predict(all_variables, images):

@@ -158,3 +158,21 @@ def test_channels_that_do_not_match_the_model(workdirs):
   _fails(run_cli(workdirs['env'], '--workdir', workdirs['unet'], '--nothroughput',
                  '--config.dataset.channels=3'),
          'config.dataset.channels=3 but config.model.in_channels=1')
+
+
+def test_sliding_window_ensemble_with_tta(workdirs):
+  """Two --workdir (the same one: its own mean), the window and flips TTA:
+  the report says so, under a name no single-model report has."""
+  workdir = workdirs['lintunet']
+  proc = run_cli(workdirs['env'], '--workdir', workdir, '--workdir', workdir,
+                 '--sliding_window', '--overlap', '0', '--tta', 'flips',
+                 '--nothroughput', '--num_overlays', '1', '--noprogress')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'window 32px overlap 0, tta flips, 2 models' in proc.stdout
+  report = json.loads((workdir / 'eval' / 'test-ensemble2-0.json').read_text())
+  inference = report['inference']
+  assert inference['window'] and inference['tile_size'] == 32
+  assert inference['overlap'] == 0.0 and inference['tta'] == 'flips'
+  assert [m['workdir'] for m in inference['members']] == [str(workdir)] * 2
+  assert report['metrics']['loss'] is None and report['data']['num_images'] == 64
+  assert (workdir / 'eval' / 'test-ensemble2-0' / 'overlay-test-00000.png').exists()

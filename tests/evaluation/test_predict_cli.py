@@ -21,11 +21,13 @@ from PIL import Image
 from lintunet_jax.training import checkpointing
 from lintunet_jax.data import image_io
 from lintunet_jax.data import pipeline as input_pipeline
+from lintunet_jax.data import whole_images
 from lintunet_jax import metrics
 from lintunet_jax import models
 from tests.evaluation import eval_testutil
 from tests.evaluation.eval_testutil import ROOT, cli_env, tiny_config
 from lintunet_jax.evaluation import prediction
+from lintunet_jax.evaluation import sliding_window
 
 def run_cli(env, *args, timeout=300):
   return subprocess.run([sys.executable, str(ROOT / 'predict.py'), *map(str, args)],
@@ -178,3 +180,38 @@ def test_kernel_override_on_top_of_the_saved_config(setup, tmp_path):
                  '--output', tmp_path / 'out', '--config.model.attention.kernel=xla')
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert (tmp_path / 'out' / 'scan_a.png').exists()
+
+
+def test_sliding_window_ensemble_at_native_size(setup, tmp_path):
+  """The same workdir twice (its own mean), flips TTA and the window: masks
+  and logits at each image's own size, equal to make_predict_fn's output
+  for the single model on the image normalised at its own size."""
+  big = tmp_path / 'big.png'
+  Image.fromarray(textured(4, (70, 90))).save(big)
+  out = tmp_path / 'out'
+  workdir = setup['workdir']
+  proc = run_cli(setup['env'], '--workdir', workdir, '--workdir', workdir,
+                 '--output', out, '--input', big, setup['inputs'] / 'scan_a.png',
+                 '--sliding_window', '--tta', 'flips', '--overlap', '0.25',
+                 '--tile_batch_size', '3', '--save-logits')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  for name, size in (('big', (70, 90)), ('scan_a', (40, 56))):
+    with Image.open(out / f'{name}.png') as mask:
+      assert mask.size[::-1] == size
+    assert np.load(out / f'{name}.npy').shape == (*size, 1)
+  config, model, _ = checkpointing.restore_model(workdir)
+  settings = sliding_window.inference_settings(
+      config, sliding_window=True, tta='flips', overlap=0.25, tile_batch_size=3)
+  x = whole_images.native_input(image_io.read_image(big), config)[None]
+  logits = np.asarray(sliding_window.make_predict_fn([model], settings)(x))[0]
+  np.testing.assert_allclose(np.load(out / 'big.npy'), logits,
+                             rtol=1e-5, atol=1e-5 * np.abs(logits).max())
+  expected = np.asarray(metrics.predict_classes(logits[None], config.threshold))[0]
+  clear = np.abs(logits[..., 0]) > 1e-4 * np.abs(logits).max()  # off the threshold
+  assert clear.mean() > 0.9
+  with Image.open(out / 'big.png') as mask:
+    np.testing.assert_array_equal((np.asarray(mask) > 0)[clear], expected[clear] > 0)
+  summary = json.loads((out / 'predictions.json').read_text())
+  assert [m['step'] for m in summary['members']] == [5, 5]
+  assert summary['inference']['window'] and summary['inference']['tta'] == 'flips'
+  assert summary['inference']['overlap'] == 0.25

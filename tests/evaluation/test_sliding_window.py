@@ -186,6 +186,16 @@ SHARDED = textwrap.dedent('''
                                          mesh=parallel.create_mesh())(x))
     err = np.abs(one - four).max() / np.abs(one).max()
     assert err < 1e-5, err
+    # One tile (fewer than the devices) and a plain batch of 3 images: the
+    # rows are padded to a multiple of the 4 devices and cut back.
+    mesh = parallel.create_mesh()
+    for window, shape in ((True, (1, 32, 32, 1)), (False, (3, 32, 32, 1))):
+      plain = sw.inference_settings(config, sliding_window=window, tile_batch_size=3)
+      y = np.random.default_rng(7).uniform(size=shape).astype(np.float32)
+      one = np.asarray(sw.make_predict_fn([model], plain)(y))
+      four = np.asarray(sw.make_predict_fn([model], plain, mesh=mesh)(y))
+      assert four.shape == one.shape, (four.shape, one.shape)
+      np.testing.assert_allclose(four, one, rtol=1e-5, atol=1e-5)
     print('OK', err)
 ''')
 

@@ -1,0 +1,310 @@
+"""Evaluation through `sliding_window.make_predict_fn`: windows, TTA, ensembles.
+
+  report = whole_image_eval.run(['runs/fold0', 'runs/fold1'], tta='flips')
+  output = whole_image_eval.evaluate(predict_fn, config, split, settings)
+
+`run` is what eval.py does: `report.run` for one or several workdirs (an
+ensemble, `ensemble.restore_members`) with config.inference and the
+command line's window / TTA settings; the report gets an `inference` field.
+With none of window, TTA or ensemble it is exactly `report.run`'s
+evaluation (training's eval step); otherwise the split goes through
+`evaluate` below. Throughput always times the first model's plain forward
+pass (one model, model-size input), as a single-model report does.
+
+`report.evaluate` runs training's eval step: one model, no TTA, images
+resized to the model's size. This loop runs any `make_predict_fn`
+predictor instead (an ensemble's mean logits, flips TTA, the sliding
+window) over the split's stored examples one by one
+(`whole_images.iterate_split`), and counts each image at its own size
+against its stored mask, exactly as `report.evaluate_native` does:
+
+  * with the window (`settings.window`) each image is normalised at its
+    own size (`whole_images.native_input`), predicted at that size and
+    thresholded (`metrics.predict_classes`): nothing is resized;
+  * without it (TTA or an ensemble on a whole-image model) each image is
+    preprocessed to the model's size (`preprocess_image`) and the mask
+    brought back with `restore_mask_size`, as predict.py writes it.
+
+Counts come from `metrics.class_counts` against the stored native mask,
+so the metric dict and `per_image` arrays have `evaluate_native`'s keys.
+The loss is not computed here (the window blends logits of tiles; a loss
+on them is not training's loss): `EvalOutput.loss` is None.
+
+Images of one shape are batched together (`images_per_call` per call,
+padded to it, so each distinct shape compiles once). With the window the
+tiles already fill the device (`settings.tile_batch_size` per call), so
+one image per call is the default.
+
+`on_image(index, predicted [H, W] int, truth [H, W] uint8)` is called for
+every image at native size (e.g. per-case metrics). Processes evaluate
+strided shares of the split; counts are summed and per-image rows
+gathered across them.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from lintunet_jax import metrics as metrics_lib
+from lintunet_jax import paths
+from lintunet_jax.data import pipeline as input_pipeline
+from lintunet_jax.data import whole_images
+from lintunet_jax.evaluation import case_metrics
+from lintunet_jax.evaluation import ensemble
+from lintunet_jax.evaluation import report as evaluation
+from lintunet_jax.evaluation import sliding_window as sw
+from lintunet_jax.training import parallel
+
+ImageHook = Callable[[int, np.ndarray, np.ndarray], None]
+
+# Why the report has no loss in this mode (EvalOutput.notes).
+NO_LOSS_NOTE = ('loss not computed: predictions come from make_predict_fn '
+                '(sliding window / TTA / ensemble), whose blended logits '
+                "are not the training loss's input")
+
+
+def default_images_per_call(config, settings: sw.InferenceSettings
+                            ) -> int:
+  """1 with the window (the tiles are the batch), else eval_batch_size."""
+  return 1 if settings.window else int(config.eval_batch_size)
+
+
+def evaluate(predict_fn: Callable[[jax.Array], jax.Array],
+             config: ml_collections.ConfigDict, split: str,
+             settings: sw.InferenceSettings, *,
+             images_per_call: int | None = None, num_samples: int = 0,
+             progress: bool = False, on_image: ImageHook | None = None,
+             process_index: int | None = None,
+             process_count: int | None = None) -> evaluation.EvalOutput:
+  """Metrics of `predict_fn` over every example of `split` at native size.
+
+  `predict_fn`: images [B, H, W, C] float32 -> logits [B, H, W, K], from
+  `make_predict_fn(models, settings)`; `settings` must be the ones it was
+  built with (they say whether images are tiled at their own size or
+  resized). Returns `report.EvalOutput` with `metrics` (as
+  `metrics.compute_metrics`), `per_image` (index int64 [n], tp/fp/fn/tn
+  int64 [n, K]) and up to `num_samples` overlays (lists: stored image,
+  mask and prediction at native size).
+  """
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  total = evaluation.check_split(config, split)
+  images_per_call = int(images_per_call or default_images_per_call(config, settings))
+  if images_per_call < 1:
+    raise evaluation.EvaluationError(
+        f'images per call must be >= 1, got {images_per_call}')
+  num_classes = config.model.num_classes
+  num_counts = 1 if num_classes == 1 else num_classes
+
+  if settings.window:
+    prepare = lambda image: whole_images.native_input(image, config)  # pylint: disable=unnecessary-lambda-assignment
+  else:
+    prepare = lambda image: np.asarray(  # pylint: disable=unnecessary-lambda-assignment
+        input_pipeline.preprocess_image(image, config), np.float32)
+
+  accumulator = metrics_lib.MetricAccumulator()
+  rows: dict[str, list] = {k: [] for k in ('index', *evaluation.PER_IMAGE_KEYS)}
+  samples: dict[str, list] = {'image': [], 'mask': [], 'prediction': [], 'index': []}
+  sample_indices: set[int] = set()
+  # shape -> [(raw image, prepared, mask, index)] waiting for a full batch
+  waiting: dict[tuple[int, ...], list] = {}
+  in_flight: list = []  # dispatched (logits, items), drained in order
+
+  def dispatch(shape):
+    items = waiting.pop(shape)
+    batch = np.zeros((images_per_call, *shape), np.float32)
+    for i, item in enumerate(items):
+      batch[i] = item[1]
+    in_flight.append((predict_fn(jnp.asarray(batch)), items))
+
+  def drain():
+    logits, items = in_flight.pop(0)
+    classes = np.asarray(metrics_lib.predict_classes(logits, config.threshold))
+    for i, (raw, _, truth, index) in enumerate(items):
+      if settings.window:
+        predicted = classes[i]
+      else:
+        predicted = np.asarray(input_pipeline.restore_mask_size(
+            classes[i], truth.shape[:2], config))
+      if predicted.shape != truth.shape[:2]:
+        raise evaluation.EvaluationError(
+            f'example {index} of split {split!r}: image {raw.shape[:2]} and '
+            f'mask {truth.shape} differ in size')
+      counts = metrics_lib.class_counts(
+          predicted[None], truth[None], np.ones(1, np.float32),
+          num_classes=num_classes, xp=np)
+      accumulator.add(counts)
+      rows['index'].append(index)
+      for key in evaluation.PER_IMAGE_KEYS:
+        rows[key].append(np.asarray(counts[key], np.int64))
+      if on_image is not None:
+        on_image(index, predicted, truth)
+      if index in sample_indices:
+        for key, value in (('image', raw), ('mask', truth),
+                           ('prediction', predicted), ('index', index)):
+          samples[key].append(value)
+      if bar is not None:
+        bar.update(1)
+
+  bar = None
+  share = len(whole_images.process_share(total, process_index, process_count))
+  if progress and process_index == 0:
+    import tqdm  # pylint: disable=import-outside-toplevel
+    bar = tqdm.tqdm(total=share, desc=f'eval {split}', unit='img', leave=False)
+  start = time.perf_counter()
+  try:
+    examples = whole_images.iterate_split(
+        config, split, prepare=lambda image: image,
+        process_index=process_index, process_count=process_count)
+    for position, (raw, truth, index) in enumerate(examples):
+      if position < num_samples:
+        sample_indices.add(index)
+      prepared = prepare(raw)
+      waiting.setdefault(prepared.shape, []).append((raw, prepared, truth, index))
+      if len(waiting[prepared.shape]) == images_per_call:
+        dispatch(prepared.shape)
+      if len(in_flight) > 2:  # bound the device queue, keep it busy
+        drain()
+    for shape in list(waiting):
+      dispatch(shape)
+      drain()
+    while in_flight:
+      drain()
+  finally:
+    if bar is not None:
+      bar.close()
+  # Every process contributes the same number of per-image rows (padding
+  # rows have index -1), so they stack across processes.
+  per_process = -(-total // process_count)
+  for _ in range(per_process - len(rows['index'])):
+    rows['index'].append(-1)
+    for key in evaluation.PER_IMAGE_KEYS:
+      rows[key].append(np.zeros(num_counts, np.int64))
+  totals = evaluation._sum_over_processes(accumulator.totals)  # pylint: disable=protected-access
+  try:
+    result = metrics_lib.compute_metrics(totals)
+  except ValueError as e:
+    raise evaluation.EvaluationError(f'split {split!r} produced no images') from e
+  per_image = evaluation._gather_per_image({  # pylint: disable=protected-access
+      'index': np.asarray(rows['index'], np.int64),
+      **{k: np.stack(rows[k]).astype(np.int64) for k in evaluation.PER_IMAGE_KEYS}})
+  seconds = time.perf_counter() - start
+  notes = [NO_LOSS_NOTE]
+  if result['num_images'] != total:
+    notes.append(f"evaluated {result['num_images']} images but split "
+                 f'{split!r} has {total}')
+  if samples['index']:  # split order, as the other mode keeps them
+    order = np.argsort(samples['index'])
+    samples = {k: [v[i] for i in order] for k, v in samples.items()}
+    samples['index'] = np.asarray(samples['index'], np.int32)
+  else:
+    samples = None
+  return evaluation.EvalOutput(
+      metrics=result, loss=None, seconds=seconds, batch_size=images_per_call,
+      resolution='native', samples=samples, per_image=per_image, notes=notes)
+
+
+def run(workdirs: str | Sequence[str], *, checkpoint: str | int | None = None,
+        split: str | None = None,
+        config: ml_collections.ConfigDict | None = None,
+        report_path: str | None = None, num_overlays: int = 4,
+        batch_size: int | None = None,
+        throughput_batch_sizes: Sequence[int] | None = None,
+        throughput_runs: int = 20, throughput_warmup: int = 3,
+        measure_throughput: bool = True, peak_flops: float | None = None,
+        measure_train_step: bool = False, progress: bool = False,
+        mesh: jax.sharding.Mesh | None = None, resolution: str = 'native',
+        overrides: Mapping[str, Any] | None = None,
+        sliding_window: bool | None = None, overlap: float | None = None,
+        tta: str | None = None, tile_batch_size: int | None = None,
+        nsd_tolerance: float = case_metrics.DEFAULT_TOLERANCE,
+        case_names: Sequence[str] | None = None,
+        on_image: ImageHook | None = None) -> dict[str, Any]:
+  """`report.run` for one workdir or an ensemble, with inference settings.
+
+  The arguments are `report.run`'s, plus: several `workdirs` (their logits
+  averaged; checked by `ensemble.restore_members`; the first's config,
+  threshold and step name the report, written by default to
+  `report.default_report_path(first, split, step, N)`), and
+  `sliding_window`, `overlap`, `tta`, `tile_batch_size` on top of
+  config.inference (`sliding_window.inference_settings`). `on_image` is
+  called per image in the window / TTA / ensemble mode, after the per-case
+  metrics (`case_metrics`, NSD at `nsd_tolerance`) that both modes write
+  next to the report at native resolution. The report gets
+  `inference`: the settings, `evaluated_by` and every member's workdir and
+  step.
+  """
+  if report_path:  # a bad URL fails before minutes of evaluation
+    paths.check(report_path, '--report')
+  workdirs = ([os.fspath(workdirs)] if isinstance(workdirs, (str, os.PathLike))
+              else [os.fspath(w) for w in workdirs])
+  source = evaluation.config_source(config, overrides)
+  members = ensemble.restore_members(workdirs, checkpoint, config, overrides)
+  first = members[0]
+  config = first.config
+  try:
+    settings = sw.inference_settings(
+        config, sliding_window=sliding_window, overlap=overlap, tta=tta,
+        tile_batch_size=tile_batch_size)
+  except ValueError as e:
+    raise evaluation.EvaluationError(str(e)) from None
+  split = split or config.dataset.test_split
+  mesh = mesh if mesh is not None else parallel.create_mesh()
+  whole = settings.window or settings.tta != 'none' or len(members) > 1
+  if whole:
+    if resolution != 'native':
+      raise evaluation.EvaluationError(
+          f"resolution={resolution!r} needs the model's own eval step; the "
+          'sliding window, TTA and ensembles count at native size only')
+    # Each process predicts its own images: the model calls are split over
+    # this process's devices only.
+    local_mesh = (mesh if jax.process_count() == 1
+                  else parallel.create_mesh(jax.local_devices()))
+    predict_fn = sw.make_predict_fn(
+        [m.model for m in members], settings, mesh=local_mesh)
+    if case_names is None:
+      case_names = evaluation.default_case_names(config, split)
+    cases = case_metrics.CaseCollector(num_classes=config.model.num_classes,
+                                       tolerance=nsd_tolerance,
+                                       case_names=case_names)
+
+    def per_image(index, predicted, truth):
+      cases.add(index, predicted, truth)
+      if on_image is not None:
+        on_image(index, predicted, truth)
+
+    output = evaluate(predict_fn, config, split, settings,
+                      images_per_call=batch_size, num_samples=num_overlays,
+                      progress=progress, on_image=per_image)
+    output.per_case = cases.summary()
+    if measure_throughput:
+      output.notes.append(
+          "throughput: the first model's plain forward pass at model size "
+          '(not the window, TTA or ensemble)')
+  else:
+    output = evaluation.evaluate(first.model, config, split, mesh=mesh,
+                                 batch_size=batch_size, num_samples=num_overlays,
+                                 progress=progress, resolution=resolution,
+                                 nsd_tolerance=nsd_tolerance,
+                                 case_names=case_names)
+  inference = {**settings.describe(),
+               'evaluated_by': ('whole_image_eval (make_predict_fn)' if whole
+                                else 'eval step (one model, no TTA)'),
+               'members': [m.describe() for m in members]}
+  return evaluation.finish(
+      first.workdir, selector=first.selector, step=first.step, config=config,
+      model=first.model, split=split, output=output, config_source=source,
+      mesh=mesh, report_path=report_path or evaluation.default_report_path(
+          first.workdir, split, first.step, len(members)),
+      measure_throughput=measure_throughput,
+      throughput_batch_sizes=throughput_batch_sizes,
+      throughput_runs=throughput_runs, throughput_warmup=throughput_warmup,
+      peak_flops=peak_flops, measure_train_step=measure_train_step,
+      extra={'inference': inference})
