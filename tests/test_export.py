@@ -3,9 +3,10 @@
 The artifact is loaded in a subprocess that cannot import lintunet_jax
 (`python -I` from a temporary folder, plus an import hook that refuses the
 package) and called at two batch sizes through its symbolic batch; its masks
-are compared with the library path predict.py's sliding window uses:
-numpy normalisation (`transforms`), `sliding_window.make_predict_fn` and
-`metrics.predict_classes`.
+are compared with the library path predict.py's sliding window uses
+(numpy normalisation (`transforms`), `sliding_window.make_predict_fn` and
+`metrics.predict_classes`) and with the PNG masks predict.py's
+`predict_paths` writes for the same images.
 """
 
 from __future__ import annotations
@@ -18,12 +19,15 @@ import textwrap
 
 import numpy as np
 import pytest
+from PIL import Image
 from scipy.special import expit, logit
 
 from lintunet_jax import export
 from lintunet_jax import metrics
 from lintunet_jax import models
 from lintunet_jax.data.datasets import transforms
+from lintunet_jax.evaluation import ensemble as ensemble_lib
+from lintunet_jax.evaluation import prediction
 from lintunet_jax.evaluation import report
 from lintunet_jax.evaluation import sliding_window as sw
 from lintunet_jax.training import checkpointing
@@ -147,6 +151,25 @@ def test_artifact_without_the_package_matches_the_library(ensemble, tmp_path):
                       ensemble['threshold'])
   np.testing.assert_allclose(got['logits2'], got['logits3'][:2], rtol=1e-4,
                              atol=1e-4)
+  # And predict.py's own path on the same images saved as PNG files: the
+  # workdirs restored as it restores them, its masks as it writes them
+  # (0/255 for a binary model).
+  folder = tmp_path / 'pngs'
+  folder.mkdir()
+  for i, image in enumerate(images):
+    Image.fromarray(image[..., 0]).save(folder / f'{i}.png')
+  members = ensemble_lib.restore_members([str(w) for w in workdirs], None, None)
+  settings = sw.inference_settings(members[0].config, sliding_window=True,
+                                   tta='flips', tile_batch_size=3)
+  summary = prediction.predict_paths([m.model for m in members],
+                                     members[0].config, [str(folder)],
+                                     tmp_path / 'masks', settings=settings)
+  assert len(summary.written) == 3 and not summary.skipped
+  written = np.stack([np.asarray(Image.open(tmp_path / 'masks' / f'{i}.png'))
+                      for i in range(3)])
+  assert set(np.unique(written)) <= {0, 255}
+  _assert_masks_agree(got['mask3'], (written > 0).astype(np.uint8), logits,
+                      ensemble['threshold'])
 
 
 def _assert_masks_agree(mask, reference, logits, threshold):
