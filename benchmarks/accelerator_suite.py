@@ -88,15 +88,21 @@ FULL = types.SimpleNamespace(
     attention_tokens=[1024, 4096, 16384], attention_width=512, attention_batch=8,
     attention_patterns=['local_2d', 'global_local', 'local_1d', 'strided'],
     model_width=64, model_size=256, model_batches=(64, 128), hires_size=1024, hires_batch=4,
-    hires_modes=('forward', 'train'), train_size=224, train_steps=150, rounds=7)
+    hires_modes=('forward', 'train'), model_kinds=('dense', 'linformer', 'block_sparse',
+    'linformer_block_sparse'), train_size=224, train_steps=150, rounds=7)
+# The dry run tests the suite's plumbing, one program per code path: the
+# kernels' correctness on every pattern is tests/attention's work; the
+# "high-res" group at the forward group's size and batch shares its U-Net
+# program (a compilation cache, as the tests give, compiles it once).
 DRY = types.SimpleNamespace(
     matmul=256, kernel_tokens=(64,), kernel_dtypes=('float32', 'bfloat16'),
-    kernel_cases=(), model_groups=('forward', 'train', 'hires', 'train_large'), kernel_batch=1, kernel_heads=2, kernel_dim=16,
-    attention_tokens=[64, 256], attention_width=32, attention_batch=1,
+    kernel_cases=('linformer+local_2d', 'global_local'),
+    model_groups=('forward', 'train', 'hires', 'train_large'), kernel_batch=1, kernel_heads=2,
+    kernel_dim=16, attention_tokens=[64, 256], attention_width=32, attention_batch=1,
     attention_patterns=['local_2d', 'global_local'],
-    model_width=4, model_size=32, model_batches=(2,), hires_size=64, hires_batch=1,
-    hires_modes=('forward',), train_size=32, train_steps=4, rounds=2)
-MODEL_KINDS = ('dense', 'linformer', 'block_sparse', 'linformer_block_sparse')
+    model_width=4, model_size=32, model_batches=(2,), hires_size=32, hires_batch=2,
+    hires_modes=('forward',), model_kinds=('dense', 'block_sparse'), train_size=32,
+    train_steps=4, rounds=2)
 
 
 def device_tag(device_kind: str) -> str:
@@ -359,7 +365,7 @@ def run_model(sizes, deadline: float, peak_bf16: float) -> dict:
     build = builders[mode]
     hires = {'unet': lambda build=build: build('unet', sizes.hires_size, dtype,
                                                sizes.hires_batch, **width)}
-    for kind in MODEL_KINDS:
+    for kind in sizes.model_kinds:
       hires[f'lintunet/{kind}'] = (lambda kind=kind, build=build: build(
           'lintunet', sizes.hires_size, dtype, sizes.hires_batch,
           attention={'kind': kind}, **width))

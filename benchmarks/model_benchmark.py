@@ -92,7 +92,9 @@ def _forward_call(name: str, size: int, dtype: str, batch: int, **model_fields):
   return compiled, (state, images)
 
 
-def _train_call(name: str, size: int, dtype: str, batch: int, **model_fields):
+def train_lowered(name: str, size: int, dtype: str, batch: int, **model_fields):
+  """(lowered train step, its arguments), not compiled: what `_train_call`
+  compiles, for callers that compare or cost programs before compiling."""
   from lintunet_jax.training import optim, parallel, loop as train_lib  # noqa: PLC0415
   from lintunet_jax.training import state as train_state_lib  # noqa: PLC0415
   config = model_config(name, size, dtype, **model_fields)
@@ -107,8 +109,12 @@ def _train_call(name: str, size: int, dtype: str, batch: int, **model_fields):
   batch_arrays = parallel.shard_batch(mesh, {
       'image': rng.normal(size=(batch, size, size, 1)).astype(np.float32),
       'mask': rng.integers(0, 2, size=(batch, size, size)).astype(np.int32)})
-  compiled = step.lower(state, batch_arrays).compile()
-  return compiled, (state, batch_arrays)
+  return step.lower(state, batch_arrays), (state, batch_arrays)
+
+
+def _train_call(name: str, size: int, dtype: str, batch: int, **model_fields):
+  lowered, call_args = train_lowered(name, size, dtype, batch, **model_fields)
+  return lowered.compile(), call_args
 
 
 def run(args) -> dict:

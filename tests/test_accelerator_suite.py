@@ -21,12 +21,25 @@ def test_result_files_are_named_after_the_device(kind, tag):
   assert accelerator_suite.device_tag(kind) == tag
 
 
-def test_dry_run_measures_every_section_and_checks_the_kernels(tmp_path):
+def test_the_device_run_checks_every_kernel_case_and_attention_kind():
+  # The dry run below checks a few (tests/attention checks every pattern).
+  full = accelerator_suite.FULL
+  assert [c[0] for c in accelerator_suite._kernel_cases(full)] == [  # pylint: disable=protected-access
+      'linformer+local_2d', *accelerator_suite.attention_benchmark.PATTERNS]
+  assert set(full.kernel_dtypes) == set(accelerator_suite.TOLERANCE)
+  assert full.model_kinds == ('dense', 'linformer', 'block_sparse', 'linformer_block_sparse')
+
+
+def test_dry_run_measures_every_section_and_checks_the_kernels(tmp_path, tmp_path_factory):
   out = tmp_path / 'results'
+  # One compilation cache for the run and the recount below: the recount
+  # rebuilds the run's programs from their rows, and only a rebuild that is
+  # the same program (the point of the check) finds them compiled.
+  run_env = train_testutil.env(cache=train_testutil.cache_dir(tmp_path_factory))
   proc = subprocess.run(
       [sys.executable, str(train_testutil.ROOT / 'benchmarks' / 'accelerator_suite.py'),
        '--dry-run', f'--out={out}', '--budget-s=400'],
-      env=train_testutil.env(), cwd=str(train_testutil.ROOT), capture_output=True,
+      env=run_env, cwd=str(train_testutil.ROOT), capture_output=True,
       text=True, timeout=400)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
   files = {p.name: json.loads(p.read_text()) for p in out.glob('*.json')}
@@ -43,7 +56,9 @@ def test_dry_run_measures_every_section_and_checks_the_kernels(tmp_path):
   kernels = files['kernels_cpu_dryrun.json']
   assert kernels['pallas_correct'] and not kernels['mismatches']
   cases = {(r['dtype'], r['case']) for r in kernels['rows']}
-  assert len(cases) == 2 * (len(accelerator_suite.attention_benchmark.PATTERNS) + 1)
+  dry = accelerator_suite.DRY
+  assert cases == {(d, c) for d in dry.kernel_dtypes for c in dry.kernel_cases}
+  assert set(dry.kernel_dtypes) == set(accelerator_suite.TOLERANCE)
   for row in kernels['rows']:
     assert 'skipped' not in row
     for kernel in ('xla', 'pallas'):
@@ -83,7 +98,7 @@ def test_dry_run_measures_every_section_and_checks_the_kernels(tmp_path):
       [sys.executable, str(train_testutil.ROOT / 'benchmarks' / 'accelerator_suite.py'),
        '--recount-flops', str(out / 'model_cpu_dryrun.json'),
        str(out / 'attention_cpu_dryrun.json')],
-      env=train_testutil.env(), cwd=str(train_testutil.ROOT), capture_output=True,
+      env=run_env, cwd=str(train_testutil.ROOT), capture_output=True,
       text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-5000:]
   model = json.loads((out / 'model_cpu_dryrun.json').read_text())

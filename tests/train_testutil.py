@@ -188,3 +188,73 @@ def train_losses(workdir) -> dict[int, float]:
   """{step: loss} of the 'train' records in DIR/metrics.jsonl."""
   from lintunet_jax.training import metric_logs as logging_utils  # pylint: disable=g-import-not-at-top
   return {r['step']: r['loss'] for r in logging_utils.read_metrics(str(workdir), 'train')}
+
+
+def step_setup(data_dir_path: str, **overrides) -> dict:
+  """A tiny LinTUNet and its train step's pieces on a 1-device mesh, with
+  one real batch of the training split (numpy, [8, 32, 32, 1] images):
+  config, mesh, model, model_def, variables, tx, batch, and `new_state()`,
+  a fresh replicated train state (the step donates the one it is given)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from lintunet_jax.data import pipeline as input_pipeline  # pylint: disable=g-import-not-at-top
+  from lintunet_jax.training import optim, parallel  # pylint: disable=g-import-not-at-top
+  from lintunet_jax.training import state as train_state_lib  # pylint: disable=g-import-not-at-top
+  config = tiny_config(data_dir_path, **overrides)
+  mesh = parallel.create_mesh(jax.devices()[:1])
+  model = train_state_lib.init_model(config.model, seed=0, bn_axis_name='data')
+  model_def, variables = train_state_lib.split_model(model)
+  tx = optim.create_optimizer(config, lambda s: config.learning_rate)
+  local = next(input_pipeline.create_train_iterator(config, process_index=0,
+                                                    process_count=1))
+  return dict(config=config, mesh=mesh, model=model, model_def=model_def,
+              variables=variables, tx=tx,
+              batch={'image': local['image'], 'mask': local['mask']},
+              new_state=lambda: parallel.replicate(mesh, jax.device_get(
+                  train_state_lib.create_train_state(variables, tx, seed=0))))
+
+
+def assert_trees_equal(a, b) -> None:
+  """Same structure, every leaf bit-identical (device arrays fetched)."""
+  import chex  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  chex.assert_trees_all_equal(jax.device_get(a), jax.device_get(b))
+
+
+def trees_equal(a, b) -> bool:
+  try:
+    assert_trees_equal(a, b)
+  except AssertionError:
+    return False
+  return True
+
+
+class FaultyIterator:
+  """The real training iterator with `fault(count, batch)` applied to each
+  batch it yields (count from 1): it returns the batch to train on, or
+  raises. Checkpoints save and restore the real iterator's state."""
+
+  def __init__(self, iterator, fault):
+    self.iterator, self.fault, self.count = iterator, fault, 0
+
+  def __next__(self):
+    batch = dict(next(self.iterator))
+    self.count += 1
+    return self.fault(self.count, batch)
+
+  def get_state(self):
+    return self.iterator.get_state()
+
+  def set_state(self, state):
+    self.iterator.set_state(state)
+
+  def close(self):
+    self.iterator.close()
+
+
+def inject_train_faults(loop_module, fault):
+  """Makes `loop_module`'s training iterators FaultyIterators with `fault`
+  (for train_and_evaluate in a test's subprocess); returns the undo."""
+  pipeline = loop_module.input_pipeline
+  real = pipeline.create_train_iterator
+  pipeline.create_train_iterator = lambda *a, **k: FaultyIterator(real(*a, **k), fault)
+  return lambda: setattr(pipeline, 'create_train_iterator', real)

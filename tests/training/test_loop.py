@@ -11,7 +11,6 @@ import pytest
 from flax import nnx
 
 from lintunet_jax.attention import xla as attention_kernels
-from lintunet_jax.data import pipeline as input_pipeline
 from lintunet_jax.training import losses
 from lintunet_jax import metrics as metrics_lib
 from lintunet_jax.training import optim
@@ -19,11 +18,6 @@ from lintunet_jax.training import parallel
 from lintunet_jax.training import loop as train_lib
 from lintunet_jax.training import state as train_state_lib
 from tests import train_testutil as tu
-
-
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  return tu.data_dir(tmp_path_factory)
 
 
 # ---------------------------------------------------------------- losses
@@ -138,18 +132,10 @@ def test_check_batch_size_names_the_sizes_that_work():
 
 
 @pytest.fixture(scope='module')
-def setup(data_dir):
-  """A tiny LinTUNet, its optimizer and a real batch, on a 1-device mesh."""
-  config = tu.tiny_config(data_dir, loss='bce_dice', learning_rate=3e-3)
-  mesh = parallel.create_mesh(jax.devices()[:1])
-  model = train_state_lib.init_model(config.model, seed=0, bn_axis_name='data')
-  model_def, variables = train_state_lib.split_model(model)
-  tx = optim.create_optimizer(config, lambda s: config.learning_rate)
-  local = next(input_pipeline.create_train_iterator(config, process_index=0,
-                                                    process_count=1))
-  batch = {'image': local['image'], 'mask': local['mask']}
-  return dict(config=config, mesh=mesh, model=model, model_def=model_def,
-              variables=variables, tx=tx, batch=batch)
+def setup(train_setup):
+  """A tiny LinTUNet, its optimizer, a real batch and the compiled train
+  step, on a 1-device mesh (conftest.py, shared with test_nonfinite)."""
+  return train_setup
 
 
 def test_the_batch_is_real_data(setup):
@@ -159,12 +145,8 @@ def test_the_batch_is_real_data(setup):
 
 
 def test_train_step_decreases_the_loss_on_a_fixed_batch(setup):
-  mesh, tx = setup['mesh'], setup['tx']
-  step_fn = train_lib.make_train_step(setup['model_def'], tx, mesh, loss='bce_dice')
-  state = parallel.replicate(mesh, jax.device_get(
-      train_state_lib.create_train_state(setup['variables'], tx, seed=0)))
-  batch = parallel.shard_batch(mesh, setup['batch'])
-  compiled = step_fn.lower(state, batch).compile(compiler_options=tu.OPT0)
+  state, compiled = setup['new_state'](), setup['step']
+  batch = parallel.shard_batch(setup['mesh'], setup['batch'])
   before = jax.device_get(state.params)
   stats_before = jax.device_get(state.batch_stats)
   history = []

@@ -15,42 +15,18 @@ import textwrap
 
 import jax
 import numpy as np
-import pytest
 
-from lintunet_jax.data import pipeline as input_pipeline
-from lintunet_jax.training import loop as train_lib
-from lintunet_jax.training import optim, parallel
-from lintunet_jax.training import state as train_state_lib
+from lintunet_jax.training import parallel
 from tests import train_testutil as tu
 
 
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  return tu.data_dir(tmp_path_factory)
-
-
-def _equal_trees(a, b) -> bool:
-  a, b = jax.tree.leaves(jax.device_get(a)), jax.tree.leaves(jax.device_get(b))
-  return len(a) == len(b) and all(
-      np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b))
-
-
-def test_a_nan_batch_is_skipped_by_the_train_step(data_dir):
-  config = tu.tiny_config(data_dir, loss='bce_dice')
-  mesh = parallel.create_mesh(jax.devices()[:1])
-  model = train_state_lib.init_model(config.model, seed=0, bn_axis_name='data')
-  model_def, variables = train_state_lib.split_model(model)
-  tx = optim.create_optimizer(config, lambda s: config.learning_rate)
-  local = next(input_pipeline.create_train_iterator(config, process_index=0,
-                                                    process_count=1))
-  good = parallel.shard_batch(mesh, {'image': local['image'], 'mask': local['mask']})
-  image = np.array(local['image'])
+def test_a_nan_batch_is_skipped_by_the_train_step(train_setup):
+  setup, mesh = train_setup, train_setup['mesh']
+  good = parallel.shard_batch(mesh, setup['batch'])
+  image = np.array(setup['batch']['image'])
   image[3, 5, 7, 0] = np.nan  # one pixel of one image is enough
-  bad = parallel.shard_batch(mesh, {'image': image, 'mask': local['mask']})
-  state = parallel.replicate(mesh, jax.device_get(
-      train_state_lib.create_train_state(variables, tx, seed=0)))
-  step = train_lib.make_train_step(model_def, tx, mesh, loss='bce_dice')
-  step = step.lower(state, good).compile(compiler_options=tu.OPT0)
+  bad = parallel.shard_batch(mesh, {'image': image, 'mask': setup['batch']['mask']})
+  step, state = setup['step'], setup['new_state']()
 
   state, out = step(state, good)  # a real update first: Adam's moments non-zero
   assert bool(out['finite'])
@@ -60,13 +36,13 @@ def test_a_nan_batch_is_skipped_by_the_train_step(data_dir):
   after = jax.device_get(state)
   assert int(after.step) == int(before.step) + 1 == 2  # the batch was consumed
   for name in ('params', 'opt_state', 'batch_stats'):
-    assert _equal_trees(getattr(before, name), getattr(after, name)), name
+    tu.assert_trees_equal(getattr(before, name), getattr(after, name))
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(after.params))
   # Training goes on: the next good batch is applied.
   state, out = step(state, good)
   assert bool(out['finite']) and np.isfinite(float(out['loss']))
-  assert not _equal_trees(after.params, state.params)
-  assert not _equal_trees(after.opt_state, state.opt_state)
+  assert not tu.trees_equal(after.params, state.params)
+  assert not tu.trees_equal(after.opt_state, state.opt_state)
 
 
 CODE = textwrap.dedent('''
@@ -77,33 +53,16 @@ CODE = textwrap.dedent('''
     from lintunet_jax.training import state as tsl
     from tests import train_testutil as tu
 
-    real_iterator = loop.input_pipeline.create_train_iterator
-
-    class NaNAt:
-      """The real training iterator, with NaN images at the given batches."""
-
-      def __init__(self, iterator, bad):
-        self.iterator, self.bad, self.count = iterator, bad, 0
-
-      def __next__(self):
-        batch = dict(next(self.iterator))
-        self.count += 1
-        if self.count in self.bad:
+    def nan_at(bad):
+      """NaN images at the given batches of the real training iterator."""
+      def fault(count, batch):
+        if count in bad:
           batch['image'] = np.full_like(batch['image'], np.nan)
         return batch
-
-      def get_state(self):
-        return self.iterator.get_state()
-
-      def set_state(self, state):
-        self.iterator.set_state(state)
-
-      def close(self):
-        self.iterator.close()
+      return fault
 
     def run(workdir, bad):
-      loop.input_pipeline.create_train_iterator = (
-          lambda *a, **k: NaNAt(real_iterator(*a, **k), bad))
+      undo = tu.inject_train_faults(loop, nan_at(bad))
       config = tu.tiny_config({data_dir!r}, num_train_steps=6,
                               checkpoint_every_steps=1, keep_checkpoints=10,
                               max_consecutive_nonfinite_steps=2)
@@ -112,18 +71,18 @@ CODE = textwrap.dedent('''
         error = None
       except loop.NonFiniteLossError as e:
         error = str(e)
+      finally:
+        undo()
       params = {{}}
       for step in checkpointing.list_checkpoints(workdir):
         _, model, _ = checkpointing.restore_model(workdir, step)
-        params[step] = [np.asarray(x) for x in
-                        jax.tree.leaves(tsl.model_variables(model))]
+        params[step] = jax.device_get(tsl.model_variables(model))
       return {{
           'error': error,
           'train': metric_logs.read_metrics(workdir, 'train'),
           'steps': sorted(params),
-          'finite': all(np.isfinite(x).all() for p in params.values() for x in p),
-          'equal': {{f'{{a}}-{{b}}': all(np.array_equal(x, y) for x, y in
-                                        zip(params[a], params[b]))
+          'finite': all(np.isfinite(x).all() for x in jax.tree.leaves(params)),
+          'equal': {{f'{{a}}-{{b}}': tu.trees_equal(params[a], params[b])
                     for a, b in zip(sorted(params), sorted(params)[1:])}},
       }}
 

@@ -59,37 +59,27 @@ CODE = textwrap.dedent('''
       return layout
     layout_lib.block_layout = recording_layout
 
-    real_iterator = loop.input_pipeline.create_train_iterator
-    class CrashAt:
+    def crash_at(at):
       """The real iterator, raising when asked for batch `at`."""
-      def __init__(self, iterator, at):
-        self.iterator, self.at, self.count = iterator, at, 0
-      def __next__(self):
-        self.count += 1
-        if self.count == self.at:
+      def fault(count, batch):
+        if count == at:
           raise RuntimeError('simulated crash')
-        return next(self.iterator)
-      def get_state(self):
-        return self.iterator.get_state()
-      def set_state(self, state):
-        self.iterator.set_state(state)
-      def close(self):
-        self.iterator.close()
+        return batch
+      return fault
 
     config = tu.tiny_config({data_dir!r}, **tu.SPARSE, num_train_steps=4,
                             checkpoint_every_steps=2, eval_every_steps=2,
                             keep_checkpoints=5)
     root = {root!r}
     loop.train_and_evaluate(config, root + '/reference')
-    loop.input_pipeline.create_train_iterator = (
-        lambda *a, **k: CrashAt(real_iterator(*a, **k), 3))
+    undo = tu.inject_train_faults(loop, crash_at(3))
     try:
       loop.train_and_evaluate(config, root + '/resumed')
       crashed = False
     except RuntimeError as e:
       crashed = str(e) == 'simulated crash'
     after_crash = checkpointing.list_checkpoints(root + '/resumed')
-    loop.input_pipeline.create_train_iterator = real_iterator
+    undo()
     loop.train_and_evaluate(config, root + '/resumed')
 
     def variables(name):

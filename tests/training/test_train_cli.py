@@ -6,6 +6,7 @@ import glob
 import os
 import pathlib
 
+import jax
 import numpy as np
 import pytest
 
@@ -107,7 +108,7 @@ def test_non_finite_loss_stops_with_a_clear_error(runs):
   assert not [n for n in os.listdir(os.path.join(tmp_path, 'checkpoints')) if 'tmp' in n]
   _, model, _ = checkpointing.restore_model(tmp_path, 'latest')
   leaves = train_state_lib.model_variables(model)
-  assert all(np.isfinite(np.asarray(x)).all() for x in _leaves(leaves))
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(leaves))
 
 
 def test_input_workers_leave_no_shared_memory_behind(runs):
@@ -116,11 +117,6 @@ def test_input_workers_leave_no_shared_memory_behind(runs):
   result = runs['finetune'].wait()
   assert result.returncode == 0, result.stderr[-5000:]
   assert 'leaked shared_memory' not in result.stderr, result.stderr[-2000:]
-
-
-def _leaves(tree):
-  import jax  # pylint: disable=g-import-not-at-top
-  return jax.tree.leaves(tree)
 
 
 def test_wrong_batch_size_stops_with_the_sizes_that_work(runs):
@@ -141,11 +137,10 @@ def test_fine_tunes_from_a_weights_only_checkpoint(runs):
   _, trained, step = checkpointing.restore_model(tmp_path, 2)
   want = train_state_lib.model_variables(model)
   got = train_state_lib.model_variables(trained)
-  for a, b in zip(_leaves(want['params']), _leaves(got['params'])):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  moved = [float(np.abs(np.asarray(a) - np.asarray(b)).max())
-           for a, b in zip(_leaves(want['batch_stats']), _leaves(got['batch_stats']))]
-  assert max(moved) > 1e-4
+  tu.assert_trees_equal(want['params'], got['params'])
+  moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
+                       want['batch_stats'], got['batch_stats'])
+  assert max(jax.tree.leaves(moved)) > 1e-4
 
 
 def test_config_errors_stop_before_anything_is_written(runs, tmp_path):
