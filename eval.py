@@ -56,6 +56,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from lintunet_jax.evaluation import inference_flags
+
 _WORKDIR = flags.DEFINE_multi_string(
     'workdir', None, 'Training workdir to evaluate; give it several times to '
     "evaluate an ensemble (the mean of the models' logits).")
@@ -112,19 +114,7 @@ _TRAIN_THROUGHPUT = flags.DEFINE_boolean(
     'train_throughput', False, 'Also time a training step (forward, backward, '
     "update) at the config's batch_size; compiling it takes a while.")
 _PROGRESS = flags.DEFINE_boolean('progress', True, 'Show a progress bar.')
-_SLIDING_WINDOW = flags.DEFINE_boolean(
-    'sliding_window', None, "Predict each image at its own size with a "
-    "sliding window of the model's input size (default: the config's "
-    'inference.sliding_window; on for models trained with dataset.patch_size).')
-_OVERLAP = flags.DEFINE_float(
-    'overlap', None, 'Share of a tile overlapping its neighbour, in [0, 1) '
-    "(default: the config's inference.overlap, 0.5).")
-_TTA = flags.DEFINE_enum(
-    'tta', None, ['none', 'flips'], "Test-time augmentation (default: the "
-    "config's inference.tta, 'none'); 'flips' averages the four mirrorings.")
-_TILE_BATCH_SIZE = flags.DEFINE_integer(
-    'tile_batch_size', None, 'Tile positions per model call (default: the '
-    "config's inference.tile_batch_size, else eval_batch_size).")
+_INFERENCE = inference_flags.define()
 _REQUIRE_ACCELERATOR = flags.DEFINE_boolean(
     'require_accelerator', None, 'Stop at once if JAX finds no GPU/TPU '
     "(default: --config's require_accelerator if --config is given, else "
@@ -166,8 +156,7 @@ def _evaluate(workdir: str | list[str], checkpoint: str | None, split: str | Non
       peak_flops=_PEAK_FLOPS.value, measure_train_step=_TRAIN_THROUGHPUT.value,
       progress=_PROGRESS.value, resolution=_RESOLUTION.value, overrides=overrides,
       nsd_tolerance=_NSD_TOLERANCE.value,
-      sliding_window=_SLIDING_WINDOW.value, overlap=_OVERLAP.value,
-      tta=_TTA.value, tile_batch_size=_TILE_BATCH_SIZE.value)
+      **inference_flags.values(_INFERENCE))
 
 
 def main(argv):

@@ -43,6 +43,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from lintunet_jax.evaluation import inference_flags
+
 _WORKDIR = flags.DEFINE_multi_string(
     'workdir', None, 'Training workdir; give it several times for an '
     'ensemble (the mean of the models\' logits).')
@@ -65,19 +67,7 @@ _RECURSIVE = flags.DEFINE_boolean('recursive', False, 'Descend into sub-folders.
 _BATCH_SIZE = flags.DEFINE_integer(
     'batch_size', None, "Images per batch (default: the config's "
     'eval_batch_size; 1 with the sliding window, whose tiles are the batch).')
-_SLIDING_WINDOW = flags.DEFINE_boolean(
-    'sliding_window', None, "Predict each image at its own size with a "
-    "sliding window of the model's input size (default: the config's "
-    'inference.sliding_window; on for models trained with dataset.patch_size).')
-_OVERLAP = flags.DEFINE_float(
-    'overlap', None, 'Share of a tile overlapping its neighbour, in [0, 1) '
-    "(default: the config's inference.overlap, 0.5).")
-_TTA = flags.DEFINE_enum(
-    'tta', None, ['none', 'flips'], "Test-time augmentation (default: the "
-    "config's inference.tta, 'none'); 'flips' averages the four mirrorings.")
-_TILE_BATCH_SIZE = flags.DEFINE_integer(
-    'tile_batch_size', None, 'Tile positions per model call (default: the '
-    "config's inference.tile_batch_size, else eval_batch_size).")
+_INFERENCE = inference_flags.define()
 _REQUIRE_ACCELERATOR = flags.DEFINE_boolean(
     'require_accelerator', None, 'Stop at once if JAX finds no GPU/TPU '
     "(default: --config's require_accelerator if --config is given, else False).")
@@ -129,8 +119,7 @@ def main(argv):
                                        config, overrides=overrides)
     config = members[0].config
     settings = sliding_window.inference_settings(
-        config, sliding_window=_SLIDING_WINDOW.value, overlap=_OVERLAP.value,
-        tta=_TTA.value, tile_batch_size=_TILE_BATCH_SIZE.value)
+        config, **inference_flags.values(_INFERENCE))
   except (*evaluation.USER_ERRORS, ValueError) as e:
     print(f'predict.py: error: {e}', file=sys.stderr)
     return 2

@@ -66,6 +66,7 @@ from lintunet_jax import paths
 from lintunet_jax.data import pipeline as input_pipeline
 from lintunet_jax.data.datasets import transforms
 from lintunet_jax.evaluation import report as evaluation
+from lintunet_jax.evaluation import inference_flags
 from lintunet_jax.evaluation import sliding_window as sw
 
 PLATFORMS = ('cpu', 'cuda', 'tpu')
@@ -340,16 +341,7 @@ def _flags() -> flags.FlagValues:
                        'size).', flag_values=fv)
   flags.DEFINE_integer('channels', None, 'Image channels (must equal '
                        'model.in_channels; the default).', flag_values=fv)
-  flags.DEFINE_boolean('sliding_window', None, 'Tile the image with the '
-                       'sliding window (default: config.inference, on for '
-                       'models trained on patches).', flag_values=fv)
-  flags.DEFINE_float('overlap', None, 'Sliding-window overlap in [0, 1) '
-                     '(default: config.inference.overlap).', flag_values=fv)
-  flags.DEFINE_enum('tta', None, list(sw.TTA_MODES), 'Test-time augmentation '
-                    '(default: config.inference.tta).', flag_values=fv)
-  flags.DEFINE_integer('tile_batch_size', None, 'Tiles per model call '
-                       '(default: config.inference.tile_batch_size or '
-                       'eval_batch_size).', flag_values=fv)
+  inference_flags.define(fv)
   flags.DEFINE_string('platforms', ','.join(PLATFORMS), 'Comma-separated '
                       f'platforms to lower for, of {KNOWN_PLATFORMS}.',
                       flag_values=fv)
@@ -375,8 +367,8 @@ def main(argv: Sequence[str]) -> int:
     artifact, description = export_pipeline(
         fv.workdir, checkpoint=fv.checkpoint, height=fv.height,
         width=fv.width, channels=fv.channels,
-        sliding_window=fv.sliding_window, overlap=fv.overlap, tta=fv.tta,
-        tile_batch_size=fv.tile_batch_size, platforms=fv.platforms)
+        platforms=fv.platforms,
+        **{name: fv[name].value for name in inference_flags.NAMES})
     meta = write(fv.output, artifact, description)
   except USER_ERRORS as e:
     print(f'export: error: {e}', file=sys.stderr)

@@ -6,6 +6,7 @@
   sources.py    reading prepared splits: (image, mask) pairs, case ids, sizes
   patches.py    native-resolution training crops and validation tiles
   folds.py      k-fold cross-validation splits (nnU-Net's splits layout)
+  whole_images.py  images at their own size for the sliding window
   image_io.py   reading an image or mask file, for the builders and predict.py
 
 Imports nothing of the model, training or evaluation
