@@ -168,6 +168,49 @@ def _gather_per_image(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   return {k: np.asarray(v)[keep] for k, v in rows.items()}
 
 
+class NativeCounts:
+  """Each image's counts at its own size: the split's totals and the
+  per-image rows (`evaluate_native` and `whole_image_eval` count alike).
+
+  `add` counts one image (`metrics.class_counts`); `pad` adds placeholder
+  rows (index -1) so that every process holds as many rows and they stack;
+  `result` sums over processes and returns `metrics.compute_metrics` with
+  `per_image` (see `evaluate_native`).
+  """
+
+  def __init__(self, num_classes: int):
+    self.num_classes = num_classes
+    self._accumulator = metrics_lib.MetricAccumulator()
+    self._rows: dict[str, list] = {k: [] for k in ('index', *PER_IMAGE_KEYS)}
+
+  def __len__(self) -> int:
+    return len(self._rows['index'])
+
+  def add(self, index: int, predicted: np.ndarray, truth: np.ndarray) -> None:
+    counts = metrics_lib.class_counts(
+        predicted[None], truth[None], np.ones(1, np.float32),
+        num_classes=self.num_classes, xp=np)
+    self._accumulator.add(counts)
+    self._rows['index'].append(int(index))
+    for key in PER_IMAGE_KEYS:
+      self._rows[key].append(np.asarray(counts[key], np.int64))
+
+  def pad(self, count: int = 1) -> None:
+    width = 1 if self.num_classes == 1 else self.num_classes
+    for _ in range(count):
+      self._rows['index'].append(-1)
+      for key in PER_IMAGE_KEYS:
+        self._rows[key].append(np.zeros(width, np.int64))
+
+  def result(self) -> dict[str, Any]:
+    """A collective on several processes: every process calls it."""
+    result = metrics_lib.compute_metrics(_sum_over_processes(self._accumulator.totals))
+    result['per_image'] = _gather_per_image({
+        'index': np.asarray(self._rows['index'], np.int64),
+        **{k: np.stack(self._rows[k]).astype(np.int64) for k in PER_IMAGE_KEYS}})
+    return result
+
+
 def evaluate_native(eval_step, variables, batches: Iterable[Mapping[str, Any]],
                     mesh: jax.sharding.Mesh,
                     config: ml_collections.ConfigDict,
@@ -188,12 +231,9 @@ def evaluate_native(eval_step, variables, batches: Iterable[Mapping[str, Any]],
   size (`CaseCollector.add`: per-case Dice, NSD, HD95, on the host); the
   caller gathers them (`cases.summary()`, on every process).
   """
-  accumulator = metrics_lib.MetricAccumulator()
+  counter = NativeCounts(config.model.num_classes)
   loss_sum, loss_count = 0.0, 0.0
   pending = []
-  num_classes = config.model.num_classes
-  per_image: dict[str, list] = {k: [] for k in ('index', *PER_IMAGE_KEYS)}
-  num_counts = 1 if num_classes == 1 else num_classes
 
   def drain(item):
     nonlocal loss_sum, loss_count
@@ -203,22 +243,14 @@ def evaluate_native(eval_step, variables, batches: Iterable[Mapping[str, Any]],
     classes = _local_rows(classes)
     for i in range(len(valid)):
       if not valid[i]:  # padding: a placeholder row, so processes stack
-        per_image['index'].append(-1)
-        for key in PER_IMAGE_KEYS:
-          per_image[key].append(np.zeros(num_counts, np.int64))
+        counter.pad()
         continue
       truth = native[i]
       predicted = input_pipeline.restore_mask_size(classes[i], truth.shape[:2],
                                                    config)
-      counts = metrics_lib.class_counts(
-          predicted[None], truth[None], np.ones(1, np.float32),
-          num_classes=num_classes, xp=np)
-      accumulator.add(counts)
+      counter.add(int(index[i]), predicted, truth)
       if cases is not None:
         cases.add(int(index[i]), predicted, truth)
-      per_image['index'].append(int(index[i]))
-      for key in PER_IMAGE_KEYS:
-        per_image[key].append(np.asarray(counts[key], np.int64))
 
   for local_batch in batches:
     local_batch = dict(local_batch)
@@ -232,12 +264,8 @@ def evaluate_native(eval_step, variables, batches: Iterable[Mapping[str, Any]],
       drain(pending.pop(0))
   for item in pending:
     drain(item)
-  totals = _sum_over_processes(accumulator.totals)
-  result = metrics_lib.compute_metrics(totals)
+  result = counter.result()
   result['loss'] = loss_sum / max(loss_count, 1.0)
-  result['per_image'] = _gather_per_image({
-      'index': np.asarray(per_image['index'], np.int64),
-      **{k: np.stack(per_image[k]).astype(np.int64) for k in PER_IMAGE_KEYS}})
   return result
 
 

@@ -100,8 +100,6 @@ def evaluate(predict_fn: Callable[[jax.Array], jax.Array],
   if images_per_call < 1:
     raise evaluation.EvaluationError(
         f'images per call must be >= 1, got {images_per_call}')
-  num_classes = config.model.num_classes
-  num_counts = 1 if num_classes == 1 else num_classes
 
   if settings.window:
     prepare = lambda image: whole_images.native_input(image, config)  # pylint: disable=unnecessary-lambda-assignment
@@ -109,8 +107,7 @@ def evaluate(predict_fn: Callable[[jax.Array], jax.Array],
     prepare = lambda image: np.asarray(  # pylint: disable=unnecessary-lambda-assignment
         input_pipeline.preprocess_image(image, config), np.float32)
 
-  accumulator = metrics_lib.MetricAccumulator()
-  rows: dict[str, list] = {k: [] for k in ('index', *evaluation.PER_IMAGE_KEYS)}
+  counter = evaluation.NativeCounts(config.model.num_classes)
   samples: dict[str, list] = {'image': [], 'mask': [], 'prediction': [], 'index': []}
   sample_indices: set[int] = set()
   # shape -> [(raw image, prepared, mask, index)] waiting for a full batch
@@ -137,13 +134,7 @@ def evaluate(predict_fn: Callable[[jax.Array], jax.Array],
         raise evaluation.EvaluationError(
             f'example {index} of split {split!r}: image {raw.shape[:2]} and '
             f'mask {truth.shape} differ in size')
-      counts = metrics_lib.class_counts(
-          predicted[None], truth[None], np.ones(1, np.float32),
-          num_classes=num_classes, xp=np)
-      accumulator.add(counts)
-      rows['index'].append(index)
-      for key in evaluation.PER_IMAGE_KEYS:
-        rows[key].append(np.asarray(counts[key], np.int64))
+      counter.add(index, predicted, truth)
       if on_image is not None:
         on_image(index, predicted, truth)
       if index in sample_indices:
@@ -182,19 +173,12 @@ def evaluate(predict_fn: Callable[[jax.Array], jax.Array],
       bar.close()
   # Every process contributes the same number of per-image rows (padding
   # rows have index -1), so they stack across processes.
-  per_process = -(-total // process_count)
-  for _ in range(per_process - len(rows['index'])):
-    rows['index'].append(-1)
-    for key in evaluation.PER_IMAGE_KEYS:
-      rows[key].append(np.zeros(num_counts, np.int64))
-  totals = evaluation._sum_over_processes(accumulator.totals)  # pylint: disable=protected-access
+  counter.pad(-(-total // process_count) - len(counter))
   try:
-    result = metrics_lib.compute_metrics(totals)
+    result = counter.result()
   except ValueError as e:
     raise evaluation.EvaluationError(f'split {split!r} produced no images') from e
-  per_image = evaluation._gather_per_image({  # pylint: disable=protected-access
-      'index': np.asarray(rows['index'], np.int64),
-      **{k: np.stack(rows[k]).astype(np.int64) for k in evaluation.PER_IMAGE_KEYS}})
+  per_image = result.pop('per_image')
   seconds = time.perf_counter() - start
   notes = [NO_LOSS_NOTE]
   if result['num_images'] != total:
