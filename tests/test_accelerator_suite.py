@@ -30,6 +30,7 @@ def test_the_device_run_checks_every_kernel_case_and_attention_kind():
   assert full.model_kinds == ('dense', 'linformer', 'block_sparse', 'linformer_block_sparse')
 
 
+@pytest.mark.slow
 def test_dry_run_measures_every_section_and_checks_the_kernels(tmp_path, tmp_path_factory):
   out = tmp_path / 'results'
   # One compilation cache for the run and the recount below: the recount

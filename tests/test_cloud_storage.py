@@ -161,6 +161,50 @@ def _committed_steps(gcs, bucket: str) -> list[int]:
                 if len(p) == 4 and p[2].isdigit() and p[3] == 'commit_success.txt')
 
 
+@pytest.mark.slow
+def test_quick_recipe_trains_then_evaluates_on_gcs_with_the_defaults(gcs, tmp_path):
+  """train.py, then eval.py with its defaults, as a user runs them on a bucket.
+
+  The defaults are what the kill/resume test below does not take: the best
+  checkpoint (every checkpoint's metrics read from the bucket), the test
+  split, four overlays, the training curves read from the bucket's
+  metrics.jsonl. Each program runs under a hard deadline: eval.py once
+  waited forever here on a gs:// request (paths.GCS_REQUEST_TIMEOUT_S).
+  """
+  bucket = 'lintunet-defaults'
+  workdir = f'{gcs.create_bucket(bucket)}/run'
+  env = tu.env(1, None, **gcs.env())
+  cwd = tmp_path / 'cwd'  # must stay empty
+  cwd.mkdir()
+  train = subprocess.run(
+      [sys.executable, str(ROOT / 'train.py'),
+       '--config', f'{ROOT / "configs" / "lintunet.py"}:quick', '--workdir', workdir,
+       '--config.num_train_steps=20', '--config.progress_bar=False'],
+      env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
+  assert train.returncode == 0, train.stderr[-5000:]
+  evaluation = subprocess.run(
+      [sys.executable, str(ROOT / 'eval.py'), '--workdir', workdir,
+       '--report', f'{workdir}/report.json', '--throughput=False', '--progress=False'],
+      env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
+  assert evaluation.returncode == 0, evaluation.stderr[-5000:]
+  assert list(cwd.iterdir()) == []
+
+  report = json.loads(gcs.read_object(bucket, 'run/report.json'))
+  assert report['report_path'] == f'{workdir}/report.json'
+  assert report['checkpoint'] == {'requested': 'best', 'step': 20}
+  assert report['data']['split'] == 'test'
+  assert 0.0 <= report['metrics']['iou'] <= 1.0
+  pictures = sorted(n.rsplit('/', 1)[1] for n in gcs.list_objects(bucket, 'run/report/'))
+  assert pictures == [f'overlay-test-{i:05d}.png' for i in range(4)] + ['training_curves.png']
+  for name in pictures:
+    with Image.open(io.BytesIO(gcs.read_object(bucket, f'run/report/{name}'))) as png:
+      assert png.format == 'PNG' and png.size[0] > 100
+  assert report['artifacts']['training_curves'] == f'{workdir}/report/training_curves.png'
+  cases = json.loads(gcs.read_object(bucket, 'run/report.cases.json'))
+  assert cases['metric_per_case']
+
+
+@pytest.mark.slow
 def test_train_kill_resume_eval_predict_on_gcs(gcs, tmp_path, tmp_path_factory):
   started = time.time()
   bucket = 'lintunet-e2e'

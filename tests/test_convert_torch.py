@@ -151,6 +151,7 @@ def test_parity_float32(model, size):
     assert _relative_error(without, with_attention) > 1e-2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('size', [224, 256])
 def test_parity_float32_at_the_seeds_size(size):
   net = _torch_model('lintunet', **SEED, seed=1)
@@ -169,6 +170,7 @@ def _notebook_model(model, seed=0):
   return torch_reference.randomize_(net, seed=seed).eval()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('model', ['unet', 'lintunet'])
 def test_the_notebooks_own_classes_convert_one_to_one(model):
   """The outside reference: LinTUnet.ipynb's classes, copied verbatim.
@@ -218,6 +220,7 @@ def test_a_wrong_transposed_conv_layout_would_be_caught():
 # ------------------------------------------------------------------ CLI
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('model', ['lintunet', 'unet'])
 def test_cli_round_trip_through_a_workdir(tmp_path, capsys, model):
   """main() -> write_weights_checkpoint -> restore_model -> same logits."""

@@ -112,6 +112,7 @@ def ensemble(tmp_path_factory):
               threshold=config.threshold)
 
 
+@pytest.mark.slow
 def test_artifact_without_the_package_matches_the_library(ensemble, tmp_path):
   workdirs, images = ensemble['workdirs'], ensemble['images']
   output = tmp_path / 'out' / 'model.jaxexport'

@@ -37,6 +37,7 @@ def test_unknown_kinds_are_refused(capsys):
   assert "unknown ['sparse']" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_every_configuration_is_measured_at_every_size(result):
   assert result['benchmark'] == 'model_scaling'
   assert result['settings']['sizes'] == [32, 64] and result['settings']['width'] == 4
@@ -61,6 +62,7 @@ def test_every_configuration_is_measured_at_every_size(result):
     assert row['attention_time_share'] < 1
 
 
+@pytest.mark.slow
 def test_finding_follows_dense_attention_across_sizes(result):
   finding = result['finding']
   dense = [r for r in result['results'] if r['model'] == 'lintunet/dense']

@@ -65,6 +65,7 @@ def test_attention_changes_the_output():
   assert float(jnp.abs(unet(x) - lint(x)).max()) > 1e-4
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_params_and_is_close():
   config = _tiny(lintunet_config.get_config())
   full = models.create_model(config, seed=3)

@@ -119,6 +119,7 @@ def scripts_jax_cache(monkeypatch):
   compilation_cache.reset_cache()
 
 
+@pytest.mark.slow
 def test_tiny_table_end_to_end_and_resume(tmp_path, capsys, scripts_jax_cache):
   data = tmp_path / 'export'
   _write_export(data)

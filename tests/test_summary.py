@@ -4,6 +4,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from configs import unet as unet_config
 from lintunet_jax import models
 from lintunet_jax import summary
@@ -34,6 +36,7 @@ def test_flops_of_a_tiny_unet_match_a_hand_count():
   assert 2 * macs <= flops <= 1.15 * 2 * macs, (flops, 2 * macs)
 
 
+@pytest.mark.slow
 def test_cli_prints_table_total_and_gflops():
   out = subprocess.run(
       [sys.executable, '-m', 'lintunet_jax.summary', '--config',

@@ -52,6 +52,7 @@ def test_the_fixture_is_small():
   assert size < 1_000_000
 
 
+@pytest.mark.slow
 def test_config_and_checkpoint_restore(workdir):
   config = checkpointing.load_config(workdir)
   assert (config.model.name, config.model.width) == ('lintunet', 2)
@@ -93,6 +94,7 @@ def test_evaluation_reproduces_the_logged_validation(workdir, tmp_path, tmp_path
   assert json.loads(report_path.read_text())['metrics']['num_images'] == logged['num_images']
 
 
+@pytest.mark.slow
 def test_training_resumes_from_it(workdir, tmp_path_factory):
   data_dir = tu.data_dir(tmp_path_factory)
   flags = tu.tiny_flags(data_dir, model__width=2, num_train_steps=STEP + 2,

@@ -157,13 +157,18 @@ class Run:
     try:
       self.proc.wait(timeout=timeout)
     finally:
-      if self.proc.poll() is None:  # never leave a run behind
-        self.proc.kill()
-        self.proc.wait()
+      self.kill()  # never leave a run behind
     self._out.seek(0)
     self._err.seek(0)
     return subprocess.CompletedProcess(self.proc.args, self.proc.returncode,
                                        self._out.read(), self._err.read())
+
+  def kill(self) -> None:
+    """Kills the run if it is still running and reaps it (for cleanup: a
+    run waited for already is left as it is)."""
+    if self.proc.poll() is None:
+      self.proc.kill()
+      self.proc.wait()
 
 
 def run_train(workdir, flags: list[str], *, cache: str | None = None,

@@ -122,6 +122,7 @@ def test_key_major_groups_cover_every_tile_once():
     assert seen == {i for i, t in enumerate(flat) if t is not None}
 
 
+@pytest.mark.slow
 def test_bfloat16_chunked_gradients_are_finite_and_close():
   n, block = 128, 16
   mask = masks.LocalMask(9)

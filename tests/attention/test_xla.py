@@ -89,6 +89,7 @@ def test_dense_kernel_matches_numpy_softmax():
   assert rel_err(out, np.einsum('bhqk,bhkd->bhqd', weights, values)) <= TOL
 
 
+@pytest.mark.slow
 def test_query_that_sees_nothing_outputs_zero_without_nan():
   # Queries 0..7 see no key (only queries >= 8 see keys >= 8).
   mask = masks.NotMask(masks.GlobalTokensMask(8)) & masks.LocalMask(3)

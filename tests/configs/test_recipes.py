@@ -50,6 +50,7 @@ def test_hires_pattern_skips_most_tiles_of_the_64x64_grid():
   assert dense[q, window].all() and dense[q].sum() == 49 + 4
 
 
+@pytest.mark.slow
 def test_hires_recipe_trains_at_1024_on_cpu(tmp_path_factory, tmp_path):
   data_dir = tu.data_dir(tmp_path_factory)
   config = lintunet.get_config('hires')

@@ -290,6 +290,7 @@ def test_eval_batches_carry_native_masks_and_the_image_region(config, raw_dir):
       assert region.sum() == HEIGHT * WIDTH
 
 
+@pytest.mark.slow
 def test_worker_processes_give_the_same_batches(config):
   config.dataset.augment = True
   _, expected = _train(config, 3)
@@ -321,7 +322,7 @@ def test_synthetic_default_by_name_and_no_tensorflow(tmp_path):
   assert 'tensorflow' not in sys.modules
   subprocess.run(
       [sys.executable, '-c', 'import lintunet_jax.data.pipeline, sys; '
-       "assert 'tensorflow' not in sys.modules"], check=True, cwd=REPO)
+       "assert 'tensorflow' not in sys.modules"], check=True, cwd=REPO, timeout=120)
 
 
 def test_case_ids_name_the_stored_files(config):

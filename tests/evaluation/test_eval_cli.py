@@ -47,6 +47,7 @@ def workdirs(tmp_path_factory):
   return out
 
 
+@pytest.mark.slow
 def test_eval_and_compare(workdirs, tmp_path):
   report_path = tmp_path / 'reports' / 'lin.json'
   proc = run_cli(workdirs['env'], '--workdir', workdirs['lintunet'],
@@ -99,30 +100,35 @@ def _fails(proc, *needles):
 # run in-process in test_report.py.
 
 
+@pytest.mark.slow
 def test_workdir_without_checkpoints(workdirs, tmp_path):
   checkpointing.save_config(tmp_path, tiny_config('/nowhere'))
   _fails(run_cli(workdirs['env'], '--workdir', tmp_path),
          'no checkpoints', 'config.json')
 
 
+@pytest.mark.slow
 def test_unknown_checkpoint(workdirs):
   _fails(run_cli(workdirs['env'], '--workdir', workdirs['lintunet'],
                  '--checkpoint', '12'),
          'no checkpoint for step 12', 'available steps: [0]')
 
 
+@pytest.mark.slow
 def test_checkpoint_of_a_different_model(workdirs):
   proc = run_cli(workdirs['env'], '--workdir', workdirs['lintunet'],
                  '--config', ROOT / 'configs' / 'unet.py:quick')
   _fails(proc, 'does not match the configured model', 'attention')
 
 
+@pytest.mark.slow
 def test_split_that_does_not_exist(workdirs):
   proc = run_cli(workdirs['env'], '--workdir', workdirs['unet'], '--split', 'tset',
                  '--nothroughput')
   _fails(proc, "split 'tset'", "['train', 'validation', 'test']")
 
 
+@pytest.mark.slow
 def test_config_that_cannot_be_restored(workdirs, tmp_path):
   broken = tmp_path / 'broken'
   shutil.copytree(workdirs['unet'], broken)
@@ -133,6 +139,7 @@ def test_config_that_cannot_be_restored(workdirs, tmp_path):
          'cannot be read', str(broken))
 
 
+@pytest.mark.slow
 def test_kernel_override_on_top_of_the_saved_config(workdirs, tmp_path):
   """A checkpoint trained with the Pallas kernel (saved config says so) is
   evaluated off GPU with --config.model.attention.kernel=xla; without it,
@@ -160,6 +167,7 @@ def test_channels_that_do_not_match_the_model(workdirs):
          'config.dataset.channels=3 but config.model.in_channels=1')
 
 
+@pytest.mark.slow
 def test_sliding_window_ensemble_with_tta(workdirs):
   """Two --workdir (the same one: its own mean), the window and flips TTA:
   the report says so, under a name no single-model report has."""

@@ -140,6 +140,7 @@ def _check(report, expected):
   assert 0 < m['precision'] < 1 and 0 < m['recall'] < 1  # not degenerate
 
 
+@pytest.mark.slow
 def test_native_resolution_counts_each_image_at_its_own_size(run):
   expected_pairs = []
   for (image, mask), canvas in zip(run['pairs'], run['classes']):

@@ -63,6 +63,7 @@ def setup(tmp_path_factory):
   return dict(workdir=workdir, inputs=inputs, env=cli_env(base), root=root)
 
 
+@pytest.mark.slow
 def test_predict_folder_and_files(setup, tmp_path):
   out = tmp_path / 'out'
   missing = setup['inputs'] / 'missing.png'
@@ -111,6 +112,7 @@ def _fails(proc, *needles):
     assert needle in proc.stderr, (needle, proc.stderr)
 
 
+@pytest.mark.slow
 def test_nothing_readable(setup, tmp_path):
   proc = run_cli(setup['env'], '--workdir', setup['workdir'], '--output', tmp_path,
                  '--input', setup['inputs'] / 'corrupt.png', tmp_path / 'none.png')
@@ -125,6 +127,7 @@ def test_workdir_without_checkpoints(setup, tmp_path):
   _fails(proc, 'predict.py: error:', 'no checkpoints', 'config.json')
 
 
+@pytest.mark.slow
 def test_checkpoint_of_a_different_model(setup, tmp_path):
   proc = run_cli(setup['env'], '--workdir', setup['workdir'], '--output', tmp_path,
                  '--input', setup['inputs'], '--config',
@@ -166,6 +169,7 @@ def test_collect_inputs_and_stems(tmp_path):
   assert prediction.mask_to_png_array(np.array([[0, 2]]), 3).tolist() == [[0, 2]]
 
 
+@pytest.mark.slow
 def test_kernel_override_on_top_of_the_saved_config(setup, tmp_path):
   """As eval.py: a Pallas-trained checkpoint runs off GPU with
   --config.model.attention.kernel=xla, and stops with a clear error
@@ -182,6 +186,7 @@ def test_kernel_override_on_top_of_the_saved_config(setup, tmp_path):
   assert (tmp_path / 'out' / 'scan_a.png').exists()
 
 
+@pytest.mark.slow
 def test_sliding_window_ensemble_at_native_size(setup, tmp_path):
   """The same workdir twice (its own mean), flips TTA and the window: masks
   and logits at each image's own size, equal to make_predict_fn's output

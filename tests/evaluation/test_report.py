@@ -120,6 +120,7 @@ def report(setup):
                         throughput_warmup=1, resolution='model')
 
 
+@pytest.mark.slow
 def test_report_metrics_match_sklearn(setup, report):
   # Default checkpoint: 'best' (highest validation IoU) = step 7.
   assert report['checkpoint'] == {'requested': 'best', 'step': 7}

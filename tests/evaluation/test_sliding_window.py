@@ -135,6 +135,7 @@ def two_models():
   return config, [models.create_model(config.model, seed=s) for s in (0, 1)]
 
 
+@pytest.mark.slow
 def test_one_tile_image_equals_the_plain_forward(two_models):
   config, (model, _) = two_models
   settings = sw.inference_settings(config, sliding_window=True)
@@ -200,6 +201,7 @@ SHARDED = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 def test_tiles_split_over_devices_give_the_same_logits():
   result = subprocess.run([sys.executable, '-c', SHARDED], env=tu.env(devices=4),
                           cwd=tu.ROOT, capture_output=True, text=True, timeout=300)

@@ -132,6 +132,7 @@ def _tiny_config(name='lintunet'):
   return config
 
 
+@pytest.mark.slow
 def test_inference_throughput_report_on_tiny_model():
   config = _tiny_config()
   model = models.create_model(config.model)

@@ -53,9 +53,14 @@ def runs(tmp_path_factory):
                                           _flags(model, accelerator, data_dir),
                                           cache=cache, devices=DEVICES)
              for model, accelerator in (('lintunet', 'gpu'), ('unet', 'tpu'))}
-  return {key: (run.workdir, run.wait(timeout=600)) for key, run in started.items()}
+  try:
+    return {key: (run.workdir, run.wait(timeout=600)) for key, run in started.items()}
+  finally:
+    for run in started.values():
+      run.kill()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('model, accelerator', [('lintunet', 'gpu'), ('unet', 'tpu')])
 def test_recipe_trains_on_8_devices_with_its_per_chip_batch(runs, model, accelerator):
   workdir, result = runs[(model, accelerator)]

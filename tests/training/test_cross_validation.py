@@ -7,6 +7,7 @@ import json
 import textwrap
 
 import numpy as np
+import pytest
 
 from lintunet_jax.data import folds
 from lintunet_jax.data import pipeline as input_pipeline
@@ -45,6 +46,7 @@ OVERRIDES = {'dataset__patch_size': 32, 'dataset__fold': 1, 'dataset__num_folds'
              'num_train_steps': 2, 'checkpoint_every_steps': 2}
 
 
+@pytest.mark.slow
 def test_fold_one_of_three_on_patches(tmp_path_factory, tmp_path):
   data_dir = tu.data_dir(tmp_path_factory)
   workdir = str(tmp_path / 'fold1')

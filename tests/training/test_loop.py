@@ -138,6 +138,7 @@ def setup(train_setup):
   return train_setup
 
 
+@pytest.mark.slow
 def test_the_batch_is_real_data(setup):
   image, mask = setup['batch']['image'], setup['batch']['mask']
   assert image.shape == (8, 32, 32, 1) and mask.shape == (8, 32, 32)

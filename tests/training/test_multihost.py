@@ -101,6 +101,7 @@ def _result(proc, timeout=300):
   return json.loads(out.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_two_processes_train_together_like_one(tmp_path, tmp_path_factory):
   cache = tu.cache_dir(tmp_path_factory)
   port = portpicker.pick_unused_port()

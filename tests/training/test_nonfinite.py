@@ -15,11 +15,13 @@ import textwrap
 
 import jax
 import numpy as np
+import pytest
 
 from lintunet_jax.training import parallel
 from tests import train_testutil as tu
 
 
+@pytest.mark.slow
 def test_a_nan_batch_is_skipped_by_the_train_step(train_setup):
   setup, mesh = train_setup, train_setup['mesh']
   good = parallel.shard_batch(mesh, setup['batch'])
@@ -91,6 +93,7 @@ CODE = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 def test_the_loop_skips_counts_and_stops_on_a_streak(data_dir, tmp_path,
                                                       tmp_path_factory):
   result = tu.run_python(CODE.format(data_dir=data_dir, root=str(tmp_path)),

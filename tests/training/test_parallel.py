@@ -93,6 +93,7 @@ def _check(result, n):
       assert got['eval'][key] == value, key
 
 
+@pytest.mark.slow
 def test_steps_on_4_and_8_devices_match_one_device(tmp_path_factory):
   result = tu.run_python(CODE.format(sizes=[1, 4, 8]), devices=8,
                          cache=tu.cache_dir(tmp_path_factory), timeout=300)

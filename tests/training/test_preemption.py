@@ -96,6 +96,7 @@ def _check_resumed_like(workdir, reference, step):
                              rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_the_step_reached_and_resumes_like_uninterrupted(
     tmp_path, tmp_path_factory):
   data_dir, cache = tu.data_dir(tmp_path_factory), tu.cache_dir(tmp_path_factory)
@@ -107,7 +108,8 @@ def test_sigterm_saves_the_step_reached_and_resumes_like_uninterrupted(
     step = _check_preempted([result], workdir, 1)
     assert reference.wait().returncode == 0
   finally:
-    reference.wait(timeout=1)
+    reference.kill()
+    run.kill()
   resumed = tu.run_train(workdir, _flags(data_dir, STEPS), cache=cache)
   assert resumed.returncode == 0, resumed.stderr[-4000:]
   _check_resumed_like(workdir, tmp_path / 'reference', step)
@@ -122,12 +124,17 @@ def _pair(workdir, flags, cache, name):
 
 
 def _wait_all(runs, timeout=300):
-  results = [r.wait(timeout=timeout) for r in runs]
+  try:
+    results = [r.wait(timeout=timeout) for r in runs]
+  finally:
+    for r in runs:  # one run timed out: its partner would wait for it forever
+      r.kill()
   for result in results:
     assert result.returncode == 0, result.stderr[-4000:]
   return results
 
 
+@pytest.mark.slow
 def test_two_processes_sigterm_to_one_both_save_the_same_step_and_resume(
     tmp_path, tmp_path_factory):
   cache = tu.cache_dir(tmp_path_factory)
@@ -143,7 +150,7 @@ def test_two_processes_sigterm_to_one_both_save_the_same_step_and_resume(
     _wait_all(reference)
   finally:
     for r in reference + runs:
-      r.wait(timeout=1)
+      r.kill()
   assert 'synthetic_mri: prepared' in results[0].stdout, results[0].stdout[-2000:]
   assert 'synthetic_mri: reusing' in results[1].stdout, results[1].stdout[-2000:]
   assert 'synthetic_mri: prepared' not in results[1].stdout

@@ -99,6 +99,7 @@ CODE = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 def test_train_eval_and_resume_skip_empty_tiles(tmp_path, tmp_path_factory):
   data_dir = tu.data_dir(tmp_path_factory)
   result = tu.run_python(CODE.format(data_dir=data_dir, root=str(tmp_path)),

@@ -55,15 +55,19 @@ def _kill_during_a_save(run: tu.Run, timeout=240.0):
     run.wait(timeout=1)
 
 
+@pytest.mark.slow
 def test_resume_after_kill_9_mid_save_matches_uninterrupted(tmp_path, tmp_path_factory):
   data_dir, cache = tu.data_dir(tmp_path_factory), tu.cache_dir(tmp_path_factory)
   flags = _flags(data_dir)
   # The reference and the run to kill start together (tu.Run).
   reference_run = tu.Run(tmp_path / 'reference', flags, cache=cache)
   workdir = str(tmp_path / 'run')
-  _kill_during_a_save(tu.Run(workdir, flags, cache=cache))
-  assert _tmp_dirs(workdir), 'the kill did not land during a save'
-  reference = reference_run.wait()
+  try:
+    _kill_during_a_save(tu.Run(workdir, flags, cache=cache))
+    assert _tmp_dirs(workdir), 'the kill did not land during a save'
+    reference = reference_run.wait()
+  finally:
+    reference_run.kill()
   assert reference.returncode == 0, reference.stderr[-5000:]
   want = tu.train_losses(tmp_path / 'reference')
   assert sorted(want) == list(range(1, STEPS + 1))

@@ -18,6 +18,7 @@ SEED = SHARED / 'brain_tumor_seed'
 POLYGONS = SHARED / 'brain_tumor_polygons'
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not SEED.is_dir(), reason=f'{SEED} not present')
 def test_seed_export_split_sizes_and_every_image_has_a_mask(tmp_path):
   builder = prepare('brain_tumor_coco', tmp_path, SEED)
