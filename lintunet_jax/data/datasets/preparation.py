@@ -38,12 +38,16 @@ from tensorflow_datasets.core import shuffle as tfds_shuffle
 from lintunet_jax import paths
 from lintunet_jax.data.datasets import base
 from lintunet_jax.data.datasets import brain_tumor_coco  # noqa: F401  (registers)
+from lintunet_jax.data.datasets import nnunet_raw
 from lintunet_jax.data.datasets import segmentation_folder
+from lintunet_jax.data.datasets import synthetic_raw
 from lintunet_jax.data.datasets import synthetic_mri  # noqa: F401  (registers)
 from lintunet_jax.data.datasets.report import PreparationReport
 
-# Our builders: name -> function(channels, num_classes) -> builder config.
+# Our builders: name -> function(channels, num_classes) -> builder config
+# (nnunet_raw's config comes from its dataset.json: `raw_dataset_folder`).
 OURS = {
+    'nnunet_raw': None,
     'brain_tumor_coco': lambda channels, num_classes: (
         'gray' if channels == 1 else 'rgb'),
     'segmentation_folder': segmentation_folder.config_for,
@@ -79,7 +83,9 @@ def make_builder(dataset_config, num_classes: int):
   """The TFDS builder for `config.dataset` (no preparation)."""
   name = dataset_config.name
   kwargs = {'data_dir': data_dir(dataset_config)}
-  if is_ours(name) and '/' not in name:
+  if base_name(name) == 'nnunet_raw' and '/' not in name:
+    kwargs['config'] = nnunet_raw.config_for(raw_dataset_folder(dataset_config))
+  elif is_ours(name) and '/' not in name:
     # Stored channels follow the model's, so a 1-channel model never pays
     # for RGB storage; class handling follows num_classes.
     config = OURS[base_name(name)](dataset_config.channels, num_classes)
@@ -92,8 +98,26 @@ def make_builder(dataset_config, num_classes: int):
   return tfds.builder(name, **kwargs)
 
 
+def raw_dataset_folder(dataset_config) -> str:
+  """nnunet_raw's source: manual_dir, or the synthetic raw dataset.
+
+  The synthetic one (the volume path's embedded default) is written on
+  first use beside the prepared data (under ~/tensorflow_datasets when the
+  data_dir is a bucket: nibabel reads local files only), so later commands
+  read the same files.
+  """
+  if dataset_config.manual_dir:
+    return dataset_config.manual_dir
+  root = data_dir(dataset_config)
+  if paths.is_url(root):
+    root = os.path.expanduser(DEFAULT_DATA_DIR)
+  return str(synthetic_raw.ensure(Path(root) / 'downloads' / 'manual' / 'nnunet_raw'))
+
+
 def prepare(builder, manual_dir: str | None) -> PreparationReport | None:
   """Prepares `builder` as array_record unless already done; the report."""
+  if builder.name == 'nnunet_raw':  # its config knows its (checked) folder
+    manual_dir = builder.builder_config.folder
   if builder.name in NEEDS_MANUAL_DIR:
     if not manual_dir:
       raise ValueError(
