@@ -67,7 +67,7 @@ def get_dataset_config() -> ml_collections.ConfigDict:
   ds.image_size = 256  # model input is image_size x image_size
   ds.resize = 'resize'  # 'resize' | 'pad' for sizes that differ
   ds.channels = 1  # 1 = grayscale, 3 = RGB (converted as needed)
-  ds.normalization = 'unit'  # 'unit' (0..1) | 'standardize' (per image) | 'seed'
+  ds.normalization = 'unit'  # 'unit' (0..1) | 'standardize' (per image) | 'seed' | 'stored' (nnunet_raw)
   ds.augment = True  # train split only
   # Processes that decode and augment training batches (grain); evaluation
   # uses as many threads. -1: sized to this host's cores (see

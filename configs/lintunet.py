@@ -2,6 +2,7 @@
 
   python train.py --config configs/lintunet.py --workdir DIR        # the seed's recipe, 256x256
   python train.py --config configs/lintunet.py:quick --workdir DIR  # CPU-sized, synthetic data
+  python train.py --config configs/lintunet.py:volumes_quick --workdir DIR  # NIfTI volumes, CPU
   python train.py --config configs/lintunet.py:seed --workdir DIR   # the seed's exact model
 
 Variants (the part after the colon):
@@ -18,6 +19,13 @@ Variants (the part after the colon):
           4,096 bottleneck tokens under block-sparse attention only (a 7x7
           window plus 4 global tokens), which Linformer's fixed seq_len
           would tie to one image size; bfloat16, 8 images per device.
+  volumes_quick
+          nnU-Net's 2d configuration on NIfTI volumes (nnunet_raw): the
+          quick model on the slices of the synthetic raw dataset (CT + T2,
+          two labels), fold 0 of 5 by case, validation on the held-out
+          cases' slices; minutes on a 2-core CPU. Channels and classes come
+          from dataset.json. Add --config.dataset.manual_dir=PATH for an
+          nnU-Net raw folder (docs/training.md, "Training on volumes").
   patches the default model trained as nnU-Net trains, on the seed's
           dataset (brain_tumor_coco, 640x640) at native resolution: random
           256x256 crops (a third centred on tumour), validation on a grid
@@ -30,6 +38,8 @@ why. Combine with a dataset as usual, e.g.
   python train.py --config configs/lintunet.py:gpu --workdir gs://bkt/run \
       --config.dataset.name=brain_tumor_coco --config.dataset.manual_dir=...
 """
+
+import ml_collections
 
 from configs import default
 
@@ -56,6 +66,15 @@ def get_config(variant: str = ''):
     config.learning_rate = 2e-3
     config.schedule = 'cosine'
     config.warmup_epochs = 0.25
+  elif variant == 'volumes_quick':
+    quick = get_config('quick')
+    config.model = quick.model
+    for field in ('batch_size', 'eval_batch_size', 'learning_rate', 'schedule',
+                  'warmup_epochs'):
+      config[field] = quick[field]
+    config.dataset.image_size = 64  # slices of 48x40 are padded, not resized
+    config.num_epochs = 40  # 84 slices of 6 training cases: 10 steps an epoch
+    volume_recipe(config)
   elif variant in ('gpu', 'tpu'):
     accelerator_recipe(config, variant)
   elif variant == 'hires':
@@ -79,8 +98,30 @@ def get_config(variant: str = ''):
     config.model.attention.seq_len = (256 // 16) ** 2  # tokens of one patch
   elif variant:
     raise ValueError(f"unknown variant {variant!r}; use '', 'seed', 'quick', "
-                     "'gpu', 'tpu', 'hires' or 'patches'")
+                     "'volumes_quick', 'gpu', 'tpu', 'hires' or 'patches'")
   return config
+
+
+def volume_recipe(config) -> None:
+  """nnU-Net's 2d configuration on an nnunet_raw dataset.
+
+  Channels, classes and normalisation are left unset: they come from the
+  raw dataset's dataset.json when training starts
+  (lintunet_jax/data/volume_config.py), as in nnU-Net; setting one that
+  disagrees is an error. Slices keep their native resolution, padded to
+  image_size (shrunk only if larger); CE + Dice as nnU-Net trains; fold 0
+  of 5 by case, as nnU-Net's first fold.
+  """
+  placeholder = ml_collections.config_dict.placeholder
+  config.dataset.name = 'nnunet_raw'
+  config.dataset.resize = 'pad'
+  config.dataset.channels = placeholder(int)
+  config.dataset.normalization = placeholder(str)
+  config.model.in_channels = placeholder(int)
+  config.model.num_classes = placeholder(int)
+  config.dataset.fold = 0
+  config.dataset.num_folds = 5
+  config.loss = 'bce_dice'
 
 
 # Images per chip at 256x256 (width 64, bfloat16). A GPU's many SMs need

@@ -6,7 +6,8 @@
 Variants: (none) the seed's recipe at 256x256 (31,036,481 parameters);
 quick: the CPU-sized recipe of `lintunet.py:quick`, without attention;
 gpu, tpu: the accelerator recipes of `lintunet.py:gpu` / `:tpu`; patches:
-`lintunet.py:patches` (native-resolution 256x256 patches of brain_tumor_coco).
+`lintunet.py:patches` (native-resolution 256x256 patches of brain_tumor_coco);
+volumes_quick: `lintunet.py:volumes_quick` (slices of NIfTI volumes).
 """
 
 from configs import lintunet

@@ -103,8 +103,9 @@ def normalize(images: jax.Array, mode: str) -> jax.Array:
   if mode == 'standardize':
     mean, std = _mean_std(images, x)
     return (x - mean) / jnp.maximum(std, 1e-6)
-  raise ExportError(f'config.dataset.normalization must be one of '
-                    f'{transforms.NORMALIZATIONS}, got {mode!r}')
+  raise ExportError(f'the exported pipeline takes uint8 images: '
+                    f'config.dataset.normalization must be one of '
+                    f'{transforms.IMAGE_NORMALIZATIONS}, got {mode!r}')
 
 
 def _mean_std(images: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array]:

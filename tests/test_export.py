@@ -182,7 +182,7 @@ def _assert_masks_agree(mask, reference, logits, threshold):
   assert not (differ & ~near).any(), np.argwhere(differ & ~near)[:5]
 
 
-@pytest.mark.parametrize('mode', transforms.NORMALIZATIONS)
+@pytest.mark.parametrize('mode', transforms.IMAGE_NORMALIZATIONS)
 def test_normalize_is_the_numpy_transform(mode):
   images = _images(1, 3, 20, 12, channels=3)
   images[2] = np.where(images[2] > 100, 101, 100)  # low contrast: std ~ 0.002

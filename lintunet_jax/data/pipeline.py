@@ -43,7 +43,7 @@ import numpy as np
 from grain import experimental as grain_experimental
 
 from lintunet_jax.data import patches, sources
-from lintunet_jax.data.datasets import transforms
+from lintunet_jax.data.datasets import preparation, transforms
 
 Batch = dict[str, np.ndarray]
 
@@ -88,6 +88,13 @@ class _Settings:
     if ds.normalization not in transforms.NORMALIZATIONS:
       raise ValueError(f'config.dataset.normalization must be one of '
                        f'{transforms.NORMALIZATIONS}, got {ds.normalization!r}')
+    volume_slices = preparation.base_name(ds.name) == 'nnunet_raw'
+    if volume_slices != (ds.normalization == 'stored'):
+      raise ValueError(
+          f'config.dataset.normalization={ds.normalization!r} with '
+          f'config.dataset.name={ds.name!r}: nnunet_raw stores its slices '
+          "normalised and is read with 'stored'; every other dataset stores "
+          "uint8 images, read with 'unit', 'standardize' or 'seed'")
     if ds.channels != config.model.in_channels:
       raise ValueError(
           f'config.dataset.channels={ds.channels} but config.model.in_channels='
@@ -135,7 +142,8 @@ def check_config(config) -> None:
 
 
 def preprocess_image(image: np.ndarray, config) -> np.ndarray:
-  """Raw uint8 [H, W] or [H, W, C] image -> float32 [S, S, C] model input."""
+  """Raw uint8 [H, W] or [H, W, C] image (or float32 volume slice) ->
+  float32 [S, S, C] model input."""
   return _preprocess(image, _Settings.from_config(config))
 
 
@@ -147,15 +155,15 @@ def restore_mask_size(mask: np.ndarray, original_hw, config) -> np.ndarray:
 
 
 def _fit(image: np.ndarray, settings: _Settings) -> np.ndarray:
-  """uint8 image of any size and channel count -> uint8 [S, S, C]."""
+  """Image of any size (uint8 of any channel count, or float32 volume slice
+  of settings.channels) -> [S, S, C] in its own dtype."""
   return transforms.fit_image(
       transforms.to_channels(image, settings.channels), settings.image_size,
       settings.resize)
 
 
 def _preprocess(image: np.ndarray, settings: _Settings) -> np.ndarray:
-  return transforms.normalize(transforms.to_unit_float(_fit(image, settings)),
-                              settings.normalization)
+  return transforms.to_model_input(_fit(image, settings), settings.normalization)
 
 
 def _model_example(image, mask, settings: _Settings,
@@ -164,7 +172,8 @@ def _model_example(image, mask, settings: _Settings,
 
   Augmentation works on the model-size uint8 image (cheaper than at native
   size) and before normalisation, so intensity jitter means the same thing
-  for 'unit' and 'standardize'.
+  for 'unit' and 'standardize'; float volume slices are augmented as
+  stored (normalised), in z-score units.
   """
   mask = transforms.fit_mask(mask, settings.image_size, settings.resize)
   if rng is None:
@@ -179,6 +188,8 @@ def _model_example(image, mask, settings: _Settings,
 
 prepare_dataset = sources.prepare_dataset
 case_ids = sources.case_ids
+unique_case_ids = sources.unique_case_ids
+case_indices = sources.case_indices
 
 
 def num_examples(config, split: str) -> int:

@@ -9,7 +9,9 @@ examples (case ids) so folds and per-case results can refer to them.
   prepare_dataset(config)          -> the prepared builder (prints a summary)
   source(config, split)            -> random access to (image, mask) pairs
   case_ids(config, split)          -> [str], one per example, in split order
-  case_indices(config, split, ids) -> sorted positions of those cases
+                                      (a volume's slices share its id)
+  unique_case_ids(config, split)   -> [str], each case once (folds)
+  case_indices(config, split, ids) -> sorted positions of those cases' examples
   image_sizes(source, indices)     -> {index: (H, W)}, read once per process
 """
 
@@ -20,6 +22,8 @@ import tensorflow_datasets as tfds
 
 from lintunet_jax.data.datasets import catalogue, preparation
 
+# The feature that names a volume slice's case (nnunet_raw).
+CASE_FIELD = 'case_id'
 # Case ids and image sizes of prepared splits, read once per process, by
 # (data path, split, number of examples read).
 _CASE_IDS: dict[tuple, list[str]] = {}
@@ -59,24 +63,31 @@ def source(config, split: str) -> ExampleSource:
 
 def case_ids(config, split: str) -> list[str]:
   """The case id of each example of `split` (train: after
-  config.dataset.num_train_examples), in split order: the `file_name` our
-  builders store, or the example's index as a string for catalogue
-  datasets without one. They name cases in splits files (folds.py) and
-  per-case results; ids repeated within a split are an error."""
+  config.dataset.num_train_examples), in split order.
+
+  Volume slices (builders that store a `case_id`, nnunet_raw) share their
+  volume's id, so every slice of a case follows it into a fold. Other
+  examples are their own case: the `file_name` our builders store, or the
+  example's index as a string for catalogue datasets without one; there,
+  ids repeated within a split are an error. Case ids name cases in splits
+  files (folds.py) and per-case results.
+  """
   builder, raw, key = _raw_source(config, split)
   if key not in _CASE_IDS:
     features = builder.info.features
-    if 'file_name' in features.keys():
+    field = next((name for name in (CASE_FIELD, 'file_name')
+                  if name in features.keys()), None)
+    if field is not None:
       # Only the names are decoded, not the images.
       skip = {name: tfds.decode.SkipDecoding() for name in features.keys()
-              if name != 'file_name'
+              if name != field
               and not isinstance(features[name], tfds.features.FeaturesDict)}
       names = _limited(config, split,
                        builder.as_data_source(split, decoders=skip))
-      ids = [_text(names[i]['file_name']) for i in range(len(names))]
+      ids = [_text(names[i][field]) for i in range(len(names))]
     else:
       ids = [str(i) for i in range(len(raw))]
-    if len(set(ids)) != len(ids):
+    if field != CASE_FIELD and len(set(ids)) != len(ids):
       seen, repeated = set(), set()
       for i in ids:
         (repeated if i in seen else seen).add(i)
@@ -88,15 +99,25 @@ def case_ids(config, split: str) -> list[str]:
   return list(_CASE_IDS[key])
 
 
+def unique_case_ids(config, split: str) -> list[str]:
+  """The distinct cases of `split`, in order of first appearance (one per
+  example except for volume slices): what folds are made of."""
+  return list(dict.fromkeys(case_ids(config, split)))
+
+
 def case_indices(config, split: str, cases) -> np.ndarray:
-  """int64 [n]: the sorted positions in `split` of the case ids `cases`."""
-  position = {case: i for i, case in enumerate(case_ids(config, split))}
-  unknown = [case for case in cases if case not in position]
+  """int64 [n]: the sorted positions in `split` of every example of the
+  cases `cases` (all slices of a volume)."""
+  ids = np.asarray(case_ids(config, split), dtype=object)
+  known = set(ids.tolist())
+  unknown = [case for case in cases if case not in known]
   if unknown:
     raise ValueError(f'{len(unknown)} case ids are not in split {split!r} of '
                      f'config.dataset.name={config.dataset.name!r}, e.g. '
                      f'{unknown[:5]}')
-  return np.array(sorted(position[case] for case in cases), np.int64)
+  wanted = set(cases)
+  return np.array([i for i, case in enumerate(ids.tolist()) if case in wanted],
+                  np.int64)
 
 
 def image_sizes(examples: ExampleSource, indices) -> dict[int, tuple[int, int]]:

@@ -40,6 +40,7 @@ from lintunet_jax.training import checkpointing
 from lintunet_jax.training import distributed
 from lintunet_jax.data import folds as folds_lib
 from lintunet_jax.data import pipeline as input_pipeline
+from lintunet_jax.data import volume_config
 from lintunet_jax.training import metric_logs as logging_utils
 from lintunet_jax.training import losses
 from lintunet_jax import metrics as metrics_lib
@@ -68,6 +69,15 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   try:
     input_pipeline.check_config(config)
     models.check_backend(config.model)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+
+
+def _fit_to_volumes(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """nnunet_raw: channels, classes and normalisation from dataset.json
+  (volume_config.resolve); other datasets unchanged."""
+  try:
+    return volume_config.resolve(config)
   except ValueError as e:
     raise ConfigError(str(e)) from None
 
@@ -334,13 +344,14 @@ def _restore_or_start(manager, state: TrainState, train_iter):
 
 def _fold_cases(config, workdir: str, *, write: bool):
   """With config.dataset.fold = K: fold K's {"train": [case ids], "val":
-  [case ids]} of the train split (DIR/splits.json written by process 0,
+  [case ids]} of the train split (cases, not examples: all slices of a
+  volume are on its side) (DIR/splits.json written by process 0,
   or read back on resume; folds_lib.resolve). None without a fold."""
   ds = config.dataset
   if ds.get('fold') is None:
     return None
   return folds_lib.resolve(
-      workdir, input_pipeline.case_ids(config, ds.train_split),
+      workdir, input_pipeline.unique_case_ids(config, ds.train_split),
       fold=int(ds.fold), num_folds=int(ds.num_folds),
       splits_file=ds.get('splits_file'), write=write)
 
@@ -363,6 +374,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     paths.check(config.dataset.splits_file, 'config.dataset.splits_file')
   distributed.maybe_initialize_distributed(config)
   parallel.check_accelerator(config)
+  config = _fit_to_volumes(config)
   check_config(config)
   distributed.check_shared_workdir(workdir)
   config = parallel.resolve_batch_sizes(config)
@@ -378,12 +390,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # (or, with a host-local data_dir, prepare their own copy).
   distributed.main_process_first(lambda: input_pipeline.prepare_dataset(config),
                                  'prepare the dataset')
+  if is_main:
+    volume_config.write_statistics(config, workdir)
   fold = _fold_cases(config, workdir, write=is_main)
   if fold is None:
     num_train = input_pipeline.num_examples(config, config.dataset.train_split)
     eval_split, eval_cases = config.dataset.eval_split, None
   else:  # validation on the fold's "val" cases of the train split
-    num_train = len(fold['train'])
+    num_train = len(input_pipeline.case_indices(  # examples, not cases
+        config, config.dataset.train_split, fold['train']))
     eval_split, eval_cases = config.dataset.train_split, fold['val']
   steps_per_epoch, total_steps = _schedule_lengths(config, num_train)
   eval_every = _interval(config.eval_every_steps, steps_per_epoch)

@@ -13,17 +13,21 @@ from configs import lintunet, unet
 from lintunet_jax.attention import layout as layout_lib
 from lintunet_jax.attention import masks
 from lintunet_jax.data import pipeline as input_pipeline
+from lintunet_jax.data import volume_config
 from lintunet_jax.training import loop as train_lib
 from lintunet_jax.training import metric_logs
 from tests import train_testutil as tu
 
-VARIANTS = ['', 'seed', 'quick', 'gpu', 'tpu', 'hires', 'patches']
+VARIANTS = ['', 'seed', 'quick', 'gpu', 'tpu', 'hires', 'patches', 'volumes_quick']
 
 
 @pytest.mark.parametrize('module', [lintunet, unet], ids=['lintunet', 'unet'])
 @pytest.mark.parametrize('variant', VARIANTS)
-def test_seq_len_matches_the_bottleneck_tokens(module, variant):
+def test_seq_len_matches_the_bottleneck_tokens(module, variant, tmp_path):
   config = module.get_config(variant)
+  if volume_config.is_volume_dataset(config):  # channels, classes from dataset.json
+    config.dataset.data_dir = str(tmp_path)
+    config = volume_config.resolve(config)
   input_pipeline.check_config(config)  # e.g. patch_size a multiple of 16
   tokens = (input_pipeline.model_input_size(config) // 16) ** 2
   assert config.model.attention.seq_len == tokens

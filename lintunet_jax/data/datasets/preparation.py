@@ -26,6 +26,7 @@ import contextlib
 import fcntl
 import hashlib
 import importlib.util
+import logging
 import os
 import shutil
 import tempfile
@@ -77,6 +78,18 @@ def base_name(name: str) -> str:
 
 def is_ours(name: str) -> bool:
   return base_name(name) in OURS
+
+
+class _QuietCustomConfigs(logging.Filter):
+  """TFDS warns "Using custom data configuration" each time a builder is
+  made from a config object; nnunet_raw's config is one by design (made
+  from dataset.json), and the warning repeated on every read says nothing."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith('Using custom data configuration: NnunetRawConfig')
+
+
+logging.getLogger('absl').addFilter(_QuietCustomConfigs())
 
 
 def make_builder(dataset_config, num_classes: int):

@@ -2,8 +2,12 @@
 
 Each operation has exactly one implementation here, so a training batch, an
 evaluation batch and a `predict.py` input go through the same arithmetic.
-Images are uint8 until normalisation; masks are integer class ids and only
-ever move by nearest neighbour (interpolating ids would invent classes).
+Images are uint8 until normalisation, except volume slices (nnunet_raw),
+which are stored normalised as float32 [H, W, C] for any C and move through
+the same geometry as float (PIL's 32-bit float mode), never rounded or
+clipped to 0..255 (normalisation 'stored' leaves them as they are). Masks
+are integer class ids and only ever move by nearest neighbour
+(interpolating ids would invent classes).
 
 Geometry modes (`config.dataset.resize`):
   'resize': stretch to size x size (aspect ratio not kept).
@@ -21,7 +25,9 @@ import numpy as np
 from PIL import Image
 
 RESIZE_MODES = ('resize', 'pad')
-NORMALIZATIONS = ('unit', 'standardize', 'seed')
+# For uint8 images; 'stored' reads volume slices as they were stored.
+IMAGE_NORMALIZATIONS = ('unit', 'standardize', 'seed')
+NORMALIZATIONS = IMAGE_NORMALIZATIONS + ('stored',)
 
 # Augmentation strengths: small enough that a tumour stays a tumour.
 MAX_ROTATION_DEGREES = 15.0
@@ -30,6 +36,15 @@ MAX_SHIFT_FRACTION = 0.05
 CONTRAST_RANGE = (0.8, 1.2)
 MAX_BRIGHTNESS_SHIFT = 0.1
 MAX_LOG_GAMMA = 0.2
+# Float (already normalised) images: a scale and a shift in z-score units,
+# with no clipping (there is no fixed range to clip to).
+FLOAT_SCALE_RANGE = (0.8, 1.2)
+MAX_FLOAT_SHIFT = 0.2
+
+
+def is_float_image(image: np.ndarray) -> bool:
+  """Volume slices, stored normalised; images of files are uint8."""
+  return np.issubdtype(np.asarray(image).dtype, np.floating)
 
 
 def channels_equal(image: np.ndarray) -> bool:
@@ -44,8 +59,19 @@ def to_channels(image: np.ndarray, channels: int) -> np.ndarray:
   """uint8 [H, W] or [H, W, 1|2|3|4] to [H, W, channels] (1 or 3).
 
   Colour to gray uses ITU-R 601 luma (as PIL's 'L'), except that equal
-  channels are copied exactly; alpha is dropped.
+  channels are copied exactly; alpha is dropped. Float images (volume
+  slices: C channels of C modalities) are never converted: C must equal
+  `channels`.
   """
+  if is_float_image(image):
+    if image.ndim == 2:
+      image = image[:, :, None]
+    if image.ndim != 3 or image.shape[-1] != channels:
+      raise ValueError(
+          f'a float image of shape {image.shape} cannot feed {channels} '
+          'channel(s): volume slices keep the channels (modalities) they '
+          'were stored with')
+    return np.ascontiguousarray(image, dtype=np.float32)
   if channels not in (1, 3):
     raise ValueError(f'channels must be 1 or 3, got {channels}')
   if image.ndim == 2:
@@ -90,7 +116,8 @@ def placement(original_hw: tuple[int, int], size: int, mode: str) -> Placement:
 
 
 def fit_image(image: np.ndarray, size: int, mode: str) -> np.ndarray:
-  """uint8 [H, W, C] to [size, size, C]: bilinear (antialiased) + padding."""
+  """uint8 or float32 [H, W, C] to [size, size, C]: bilinear (antialiased)
+  + zero padding, in the image's own dtype."""
   where = placement(image.shape[:2], size, mode)
   if image.shape[:2] != (where.height, where.width):
     image = np.stack([
@@ -143,6 +170,24 @@ def to_unit_float(image: np.ndarray) -> np.ndarray:
   return image.astype(np.float32) / np.float32(255.0)
 
 
+def to_model_input(image: np.ndarray, mode: str) -> np.ndarray:
+  """A model-size image (after `fit_image`) -> float32 model input.
+
+  uint8: to [0, 1], then `normalize`. float (volume slices): as stored,
+  which only normalisation 'stored' accepts; a mix-up of the two is an
+  error rather than a silently rescaled input.
+  """
+  if is_float_image(image):
+    if mode != 'stored':
+      raise ValueError(f'normalization {mode!r} is for uint8 images; float '
+                       "images (volume slices) are stored normalised: use 'stored'")
+    return np.asarray(image, np.float32)
+  if mode == 'stored':
+    raise ValueError("normalization 'stored' is for volume slices (nnunet_raw); "
+                     'this dataset stores uint8 images: use unit, standardize or seed')
+  return normalize(to_unit_float(image), mode)
+
+
 def image_stats(image: np.ndarray) -> tuple[float, float]:
   """(mean, std) of a float image for 'standardize' (std floored at 1e-6
   so a constant image does not divide by zero)."""
@@ -155,12 +200,14 @@ def normalize(image: np.ndarray, mode: str,
 
   'unit' keeps [0, 1]; 'standardize' is a per-image z-score; 'seed' is what
   the seed's notebook fed its models (Normalize(0.5, 0.5) then clamp to
-  [0, 1], so every pixel below mid-grey becomes 0), for converted models.
+  [0, 1], so every pixel below mid-grey becomes 0), for converted models;
+  'stored' keeps the image as it is (volume slices, normalised when they
+  were prepared).
   `stats` (mean, std) replaces the z-score's own statistics: a patch is
   standardised with its whole image's (`image_stats`), as the sliding
   window standardises the whole image once.
   """
-  if mode == 'unit':
+  if mode in ('unit', 'stored'):
     return image
   if mode == 'seed':
     return np.clip(2.0 * image - 1.0, 0.0, 1.0).astype(np.float32)
@@ -176,12 +223,14 @@ def augment(image: np.ndarray, mask: np.ndarray,
   """Random flips, 90-degree turns, small affine and intensity jitter.
 
   Args:
-    image: uint8 [S, S, C] model-size image.
+    image: uint8 [S, S, C] model-size image, or float32 (volume slices).
     mask: uint8 [S, S] class ids, moved exactly like the image.
     rng: the generator grain hands to this element (keeps runs reproducible).
 
   Returns:
-    float32 [S, S, C] image in [0, 1] and the transformed mask.
+    float32 [S, S, C] image (uint8 input: in [0, 1], jittered in gamma,
+    contrast and brightness; float input: scaled and shifted in z-score
+    units, unclipped) and the transformed mask.
   """
   if rng.random() < 0.5:
     image, mask = image[:, ::-1], mask[:, ::-1]
@@ -191,6 +240,8 @@ def augment(image: np.ndarray, mask: np.ndarray,
   image, mask = np.rot90(image, turns), np.rot90(mask, turns)
   image, mask = _random_affine(np.ascontiguousarray(image),
                                np.ascontiguousarray(mask), rng)
+  if is_float_image(image):
+    return _jitter_normalized(image, rng), mask
   return _jitter_intensity(to_unit_float(image), rng), mask
 
 
@@ -214,6 +265,12 @@ def _random_affine(image, mask, rng):
   image = np.stack([warp(image[..., c], Image.BILINEAR)
                     for c in range(image.shape[-1])], axis=-1)
   return image, warp(mask, Image.NEAREST)
+
+
+def _jitter_normalized(image, rng):
+  scale = rng.uniform(*FLOAT_SCALE_RANGE)
+  shift = rng.uniform(-MAX_FLOAT_SHIFT, MAX_FLOAT_SHIFT)
+  return (image * np.float32(scale) + np.float32(shift)).astype(np.float32)
 
 
 def _jitter_intensity(image, rng):

@@ -57,7 +57,8 @@ def write_raw(root: Path, *, spacing=(0.7, 0.9, 2.5), shape=SHAPE, train=3, test
     ct = rng.uniform(-1000, 2000, shape).astype(np.float32)
     ct[label == 1] = rng.normal(60, 30, int((label == 1).sum()))
     mr = rng.gamma(2.0, 150.0, shape).astype(np.float32)
-    channels = [ct, mr][:len(channel_names)]
+    flair = rng.normal(500.0, 120.0, shape).astype(np.float32)
+    channels = [ct, mr, flair][:len(channel_names)]
     for c, pixels in enumerate(channels):
       _save(folder / images_dir / f'{case}_{c:04d}.nii.gz', pixels, affine)
     _save(folder / labels_dir / f'{case}.nii.gz', label, affine)

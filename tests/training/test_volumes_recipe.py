@@ -1,0 +1,74 @@
+"""configs/lintunet.py:volumes_quick end to end: train.py on the synthetic
+nnU-Net raw dataset (its default) and on a raw folder given as manual_dir,
+fold 0 of 5 by case; eval.py on the workdir stops with a clear message."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests import train_testutil as tu
+
+sys.path.insert(0, str(Path(__file__).parents[1] / 'data' / 'datasets'))
+from test_nnunet_raw import SHAPE, write_raw  # noqa: E402  pylint: disable=g-import-not-at-top
+
+SMALL = ['--config.model.width=4', '--config.num_train_steps=4',
+         '--config.eval_every_steps=2', '--config.checkpoint_every_steps=4',
+         '--config.progress_bar=False', '--config.dataset.num_workers=0']
+
+
+def _train(tmp_path, *extra):
+  workdir = tmp_path / 'run'
+  flags = [f'--config={tu.ROOT / "configs" / "lintunet.py"}:volumes_quick',
+           f'--config.dataset.data_dir={tmp_path / "data"}', *SMALL, *extra]
+  result = tu.run_train(str(workdir), flags, cache=None, timeout=400)
+  assert result.returncode == 0, result.stderr[-5000:]
+  return workdir
+
+
+def _records(workdir, kind):
+  return [r for r in map(json.loads, (workdir / 'metrics.jsonl').read_text().splitlines())
+          if r['type'] == kind]
+
+
+@pytest.mark.slow
+def test_volumes_quick_trains_on_the_synthetic_raw_dataset(tmp_path):
+  workdir = _train(tmp_path)
+  config = json.loads((workdir / 'config.json').read_text())
+  assert (config['model']['in_channels'], config['model']['num_classes']) == (2, 3)
+  assert config['dataset']['normalization'] == 'stored'
+  folds = json.loads((workdir / 'splits.json').read_text())
+  assert len(folds) == 5
+  assert all(case.startswith('synth_') for case in folds[0]['train'] + folds[0]['val'])
+  val_cases = len(folds[0]['val'])
+  evals = _records(workdir, 'eval')
+  assert evals and all(r['num_images'] == val_cases * 14 for r in evals)  # every val slice
+  statistics = json.loads((workdir / 'volume_statistics.json').read_text())
+  assert [e['scheme'] for e in statistics['normalization']] == ['ct', 'zscore']
+  refused = subprocess.run(
+      [sys.executable, str(tu.ROOT / 'eval.py'), f'--workdir={workdir}', '--nothroughput',
+       '--noprogress'], env=tu.env(1), capture_output=True, text=True, timeout=300)
+  assert refused.returncode == 2
+  assert 'trained on the slices of NIfTI volumes' in refused.stderr
+  assert 'Traceback' not in refused.stderr
+
+
+@pytest.mark.slow
+def test_volumes_quick_on_a_raw_folder(tmp_path):
+  folder, _ = write_raw(tmp_path / 'raw', train=5, test=1,
+                        channel_names=('T1', 'T2', 'FLAIR'))
+  workdir = _train(tmp_path, f'--config.dataset.manual_dir={folder}',
+                   '--config.dataset.image_size=16',
+                   '--config.model.attention.seq_len=1',
+                   '--config.model.attention.block_size=1',
+                   '--config.model.attention.k=1',
+                   '--config.model.attention.pattern=local_2d(radius=1)')
+  config = json.loads((workdir / 'config.json').read_text())
+  assert (config['model']['in_channels'], config['model']['num_classes']) == (3, 3)
+  folds = json.loads((workdir / 'splits.json').read_text())
+  assert sorted(folds[0]['train'] + folds[0]['val']) == [f'case_{i:03d}' for i in range(5)]
+  assert all(r['num_images'] == SHAPE[2] for r in _records(workdir, 'eval'))  # 1 val case
