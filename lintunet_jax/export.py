@@ -49,7 +49,6 @@ batch, which leaves every shape the models see concrete.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 from typing import Any, Callable, Sequence
@@ -63,8 +62,8 @@ from jax import export as jax_export
 
 from lintunet_jax import metrics
 from lintunet_jax import paths
-from lintunet_jax.data import pipeline as input_pipeline
 from lintunet_jax.data.datasets import transforms
+from lintunet_jax.evaluation import ensemble
 from lintunet_jax.evaluation import report as evaluation
 from lintunet_jax.evaluation import inference_flags
 from lintunet_jax.evaluation import sliding_window as sw
@@ -124,44 +123,18 @@ def _mean_std(images: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array]:
   return mean, jnp.sqrt(jnp.sum(squares, axis=1) / pixels)[:, None, None, None]
 
 
-@dataclasses.dataclass(frozen=True)
-class Member:
-  """One restored model of the ensemble and where it came from."""
-  workdir: str
-  step: int
-  checkpoint: str
-  config: Any
-  model: Any
-
-
-def restore_members(workdirs: Sequence[str], checkpoint: str | None) -> list[Member]:
-  """The models of `workdirs`, rebuilt with the XLA attention kernel.
-
-  Errors are report.restore's (missing workdir or checkpoint, unreadable
-  config); the members must agree on what the artifact fixes: input
-  channels, classes, input size, normalisation and threshold.
-  """
+def restore_members(workdirs: Sequence[str],
+                    checkpoint: str | None) -> list[ensemble.Member]:
+  """The models of `workdirs` (`ensemble.restore_members`, the restore and
+  agreement checks of eval.py and predict.py), rebuilt with the XLA
+  attention kernel, which every platform the artifact serves can run."""
   if not workdirs:
     raise ExportError('at least one --workdir is required')
-  members = []
-  for workdir in workdirs:
-    config, model, step, selector = evaluation.restore(
-        workdir, checkpoint, overrides={'model.attention.kernel': KERNEL})
-    members.append(Member(paths.absolute(workdir), int(step), str(selector),
-                          config, model))
-  first = members[0]
-  for other in members[1:]:
-    for name, get in (('model.in_channels', lambda c: c.model.in_channels),
-                      ('model.num_classes', lambda c: c.model.num_classes),
-                      ('the model input size', input_pipeline.model_input_size),
-                      ('dataset.normalization', lambda c: c.dataset.normalization),
-                      ('threshold', lambda c: c.threshold)):
-      if get(first.config) != get(other.config):
-        raise ExportError(
-            f'the workdirs of an ensemble must agree on {name}: '
-            f'{get(first.config)!r} in {first.workdir}, {get(other.config)!r} '
-            f'in {other.workdir}')
-  return members
+  try:
+    return ensemble.restore_members(workdirs, checkpoint,
+                                    overrides={'model.attention.kernel': KERNEL})
+  except ensemble.IncompatibleMembers as e:
+    raise ExportError(str(e)) from None
 
 
 def check_geometry(settings: sw.InferenceSettings, height: int, width: int,
@@ -185,7 +158,7 @@ def check_geometry(settings: sw.InferenceSettings, height: int, width: int,
         f'or --height={settings.tile_size} --width={settings.tile_size}')
 
 
-def pipeline_fn(members: Sequence[Member], settings: sw.InferenceSettings
+def pipeline_fn(members: Sequence[ensemble.Member], settings: sw.InferenceSettings
                 ) -> Callable[[jax.Array], dict[str, jax.Array]]:
   """uint8 [b, H, W, C] -> {'mask': uint8 [b, H, W], 'logits': float32
   [b, H, W, K]}: normalisation, `make_predict_fn` (ensemble, TTA, window)
@@ -304,8 +277,8 @@ def export_pipeline(workdirs: Sequence[str], *, checkpoint: str | None = None,
       'attention_kernel': KERNEL,
       'model_input_size': settings.tile_size,
       'inference': settings.describe(),
-      'members': [{'workdir': m.workdir, 'step': m.step,
-                   'checkpoint': m.checkpoint} for m in members],
+      'members': [{'workdir': paths.absolute(m.workdir), 'step': int(m.step),
+                   'checkpoint': str(m.selector)} for m in members],
   }
   return bytes(exported.serialize()), description
 

@@ -1,14 +1,16 @@
-"""Several trained workdirs as one predictor: the mean of their logits.
+"""The one way to restore models for inference: eval.py, predict.py and
+the export all call `restore_members`; one model is a one-member ensemble.
 
   members = ensemble.restore_members(['runs/fold0', 'runs/fold1'], 'best')
   predict = sliding_window.make_predict_fn([m.model for m in members], settings)
 
 nnU-Net predicts with the mean of its cross-validation folds' outputs.
-Averaging logits only makes sense for models that read the same input and
-write the same classes, so `check_compatible` compares the workdirs' model
-input size, input channels, classes, normalisation and channel conversion
-and names the two workdirs and the field that differ. The threshold and
-the rest of the preprocessing are the first member's (`members[0].config`).
+Averaging logits only makes sense for models that read the same input,
+write the same classes and turn logits into masks the same way, so
+`check_compatible` compares the workdirs on `MUST_AGREE` (model input size,
+input channels, classes, normalisation, channel conversion, threshold) and
+names the two workdirs and the field that differ. The rest of the
+preprocessing is the first member's (`members[0].config`).
 """
 
 from __future__ import annotations
@@ -31,7 +33,12 @@ MUST_AGREE: tuple[tuple[str, Callable[[Any], Any]], ...] = (
     ('model.num_classes', lambda c: c.model.num_classes),
     ('dataset.normalization', lambda c: c.dataset.normalization),
     ('dataset.channels', lambda c: c.dataset.channels),
+    ('threshold', lambda c: c.threshold),
 )
+
+
+class IncompatibleMembers(evaluation.EvaluationError):
+  """Workdirs whose models cannot be averaged (a MUST_AGREE field differs)."""
 
 
 @dataclasses.dataclass
@@ -56,7 +63,7 @@ def check_compatible(first: tuple[str, ml_collections.ConfigDict],
   for field, read in MUST_AGREE:
     a, b = read(first_config), read(other_config)
     if a != b:
-      raise evaluation.EvaluationError(
+      raise IncompatibleMembers(
           f'cannot average the logits of workdirs {first_dir!r} and '
           f'{other_dir!r}: their {field} differ ({a!r} vs {b!r}); an '
           'ensemble needs models with the same input and classes')
