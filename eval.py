@@ -47,6 +47,7 @@ must still fit the model. `--config=FILE` replaces the saved config.
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 
 import sys
@@ -138,25 +139,30 @@ def config_and_overrides():
   return None, dict(config_flags.get_override_values(flags.FLAGS['config'])) or None
 
 
-def _evaluate(workdir: str | list[str], checkpoint: str | None, split: str | None, report: str | None,
-              config, overrides) -> dict:
-  from lintunet_jax.evaluation import whole_image_eval  # pylint: disable=import-outside-toplevel
+def _settings(checkpoint: str | None, split: str | None, report: str | None):
+  """EvalSettings from the flags (built once; `--compare` changes the first three)."""
+  from lintunet_jax.evaluation import settings  # pylint: disable=import-outside-toplevel
   try:
-    batch_sizes = ([int(b) for b in _TP_BATCH_SIZES.value]
+    batch_sizes = (tuple(int(b) for b in _TP_BATCH_SIZES.value)
                    if _TP_BATCH_SIZES.value else None)
   except ValueError:
     raise app.UsageError('--throughput_batch_sizes takes integers, e.g. 1,8,32, '
                          f'got {",".join(_TP_BATCH_SIZES.value)}') from None
-  return whole_image_eval.run(
-      workdir, checkpoint=checkpoint, split=split, config=config,
+  return settings.EvalSettings(
+      checkpoint=checkpoint, split=split, resolution=_RESOLUTION.value,
       report_path=report, num_overlays=_NUM_OVERLAYS.value,
-      batch_size=_BATCH_SIZE.value,
-      throughput_batch_sizes=batch_sizes, throughput_runs=_TP_RUNS.value,
-      throughput_warmup=_TP_WARMUP.value, measure_throughput=_THROUGHPUT.value,
-      peak_flops=_PEAK_FLOPS.value, measure_train_step=_TRAIN_THROUGHPUT.value,
-      progress=_PROGRESS.value, resolution=_RESOLUTION.value, overrides=overrides,
+      batch_size=_BATCH_SIZE.value, progress=_PROGRESS.value,
       nsd_tolerance=_NSD_TOLERANCE.value,
-      **inference_flags.values(_INFERENCE))
+      inference=inference_flags.choice(_INFERENCE),
+      throughput=settings.ThroughputSettings(
+          measure=_THROUGHPUT.value, batch_sizes=batch_sizes, runs=_TP_RUNS.value,
+          warmup=_TP_WARMUP.value, peak_flops=_PEAK_FLOPS.value,
+          train_step=_TRAIN_THROUGHPUT.value))
+
+
+def _evaluate(workdir: str | list[str], settings, config, overrides) -> dict:
+  from lintunet_jax.evaluation import whole_image_eval  # pylint: disable=import-outside-toplevel
+  return whole_image_eval.run(workdir, settings, config=config, overrides=overrides)
 
 
 def main(argv):
@@ -177,15 +183,16 @@ def main(argv):
     print(f'eval.py: error: {e}', file=sys.stderr)
     return 2
   try:
-    report = _evaluate(_WORKDIR.value, _CHECKPOINT.value, _SPLIT.value,
-                       _REPORT.value, config, overrides)
+    settings = _settings(_CHECKPOINT.value, _SPLIT.value, _REPORT.value)
+    report = _evaluate(_WORKDIR.value, settings, config, overrides)
     reports = [report]
     if _COMPARE.value:
       checkpoint = _COMPARE_CHECKPOINT.value or (
           _CHECKPOINT.value if _CHECKPOINT.value and not _CHECKPOINT.value.isdigit()
           else None)
-      other = _evaluate(_COMPARE.value, checkpoint, report['data']['split'],
-                        None, None, overrides)
+      other = _evaluate(_COMPARE.value, dataclasses.replace(
+          settings, checkpoint=checkpoint, split=report['data']['split'],
+          report_path=None), None, overrides)
       reports.append(other)
       report = evaluation.attach_comparison(report, other)
   except evaluation.USER_ERRORS as e:

@@ -92,7 +92,7 @@ def main(argv):
   from lintunet_jax.evaluation import ensemble  # pylint: disable=import-outside-toplevel
   from lintunet_jax.evaluation import report as evaluation  # pylint: disable=import-outside-toplevel
   from lintunet_jax.evaluation import prediction  # pylint: disable=import-outside-toplevel
-  from lintunet_jax.evaluation import sliding_window  # pylint: disable=import-outside-toplevel
+  from lintunet_jax.evaluation import settings as eval_settings  # pylint: disable=import-outside-toplevel
   from lintunet_jax.training import parallel  # pylint: disable=import-outside-toplevel
   try:
     print(parallel.format_platform(parallel.check_accelerator(
@@ -118,8 +118,7 @@ def main(argv):
     members = ensemble.restore_members(_WORKDIR.value, _CHECKPOINT.value,
                                        config, overrides=overrides)
     config = members[0].config
-    settings = sliding_window.inference_settings(
-        config, **inference_flags.values(_INFERENCE))
+    settings = inference_flags.choice(_INFERENCE).resolve(config)
   except (*evaluation.USER_ERRORS, ValueError) as e:
     print(f'predict.py: error: {e}', file=sys.stderr)
     return 2
@@ -136,8 +135,9 @@ def main(argv):
   try:
     summary = prediction.predict_paths(
         [m.model for m in members], config, inputs, _OUTPUT.value,
-        batch_size=_BATCH_SIZE.value, save_logits=_SAVE_LOGITS.value,
-        overlays=_OVERLAY.value, recursive=_RECURSIVE.value,
+        eval_settings.PredictOptions(
+            batch_size=_BATCH_SIZE.value, save_logits=_SAVE_LOGITS.value,
+            overlays=_OVERLAY.value, recursive=_RECURSIVE.value),
         settings=settings, mesh=mesh)
   except prediction.PredictionError as e:
     print(f'predict.py: error: {e}', file=sys.stderr)

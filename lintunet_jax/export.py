@@ -65,6 +65,7 @@ from lintunet_jax import paths
 from lintunet_jax.data.datasets import transforms
 from lintunet_jax.evaluation import ensemble
 from lintunet_jax.evaluation import report as evaluation
+from lintunet_jax.evaluation import settings as eval_settings
 from lintunet_jax.evaluation import inference_flags
 from lintunet_jax.evaluation import sliding_window as sw
 
@@ -222,26 +223,22 @@ def export_with_fallback(fn: Callable, args: Sequence[jax.ShapeDtypeStruct],
 
 
 def export_pipeline(workdirs: Sequence[str], *, checkpoint: str | None = None,
+                    inference: eval_settings.InferenceChoice = eval_settings.InferenceChoice(),
                     height: int | None = None, width: int | None = None,
                     channels: int | None = None,
-                    sliding_window: bool | None = None,
-                    overlap: float | None = None, tta: str | None = None,
-                    tile_batch_size: int | None = None,
                     platforms: str | Sequence[str] = PLATFORMS,
                     log=print) -> tuple[bytes, dict]:
   """(serialised artifact, its description): everything but the writing.
 
   Defaults: H = W = the model input size; channels = model.in_channels;
   window, overlap, TTA and tile batch from the config's `inference` group
-  (`sliding_window.inference_settings`).
+  with `inference`'s choices on top (`sliding_window.inference_settings`).
   """
   platforms = parse_platforms(platforms)
   members = restore_members(workdirs, checkpoint)
   config = members[0].config
   try:
-    settings = sw.inference_settings(config, sliding_window=sliding_window,
-                                     overlap=overlap, tta=tta,
-                                     tile_batch_size=tile_batch_size)
+    settings = inference.resolve(config)
   except ValueError as e:
     raise ExportError(str(e)) from None
   height = settings.tile_size if height is None else int(height)
@@ -342,7 +339,8 @@ def main(argv: Sequence[str]) -> int:
         fv.workdir, checkpoint=fv.checkpoint, height=fv.height,
         width=fv.width, channels=fv.channels,
         platforms=fv.platforms,
-        **{name: fv[name].value for name in inference_flags.NAMES})
+        inference=eval_settings.InferenceChoice(
+            **{name: fv[name].value for name in inference_flags.NAMES}))
     meta = write(fv.output, artifact, description)
   except USER_ERRORS as e:
     print(f'export: error: {e}', file=sys.stderr)

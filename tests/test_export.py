@@ -23,6 +23,7 @@ from PIL import Image
 from scipy.special import expit, logit
 
 from lintunet_jax import export
+from lintunet_jax.evaluation.settings import InferenceChoice
 from lintunet_jax import metrics
 from lintunet_jax import models
 from lintunet_jax.data.datasets import transforms
@@ -197,10 +198,11 @@ def test_normalize_is_the_numpy_transform(mode):
 def test_refusals_are_clear(ensemble):
   workdirs = ensemble['workdirs']
   with pytest.raises(export.ExportError, match=r'3 channel\(s\).*in_channels=1'):
-    export.export_pipeline([str(workdirs[0])], channels=3, sliding_window=True)
+    export.export_pipeline([str(workdirs[0])], channels=3,
+                           inference=InferenceChoice(sliding_window=True))
   with pytest.raises(export.ExportError, match='without the sliding window'):
     export.export_pipeline([str(workdirs[0])], height=HEIGHT, width=WIDTH,
-                           sliding_window=False)
+                           inference=InferenceChoice(sliding_window=False))
   with pytest.raises(export.ExportError, match='--platforms'):
     export.export_pipeline([str(workdirs[0])], platforms='cpu,gpu')
 
@@ -233,8 +235,8 @@ def test_pallas_kernel_is_replaced_by_xla(ensemble, tmp_path):
   pallas = eval_testutil.as_trained_with_pallas(workdirs[0], tmp_path / 'pallas')
   with pytest.raises(report.EvaluationError, match="kernel='pallas'"):
     report.restore(str(pallas), None)
-  artifact, description = export.export_pipeline([str(pallas)],
-                                                 sliding_window=False)
+  artifact, description = export.export_pipeline(
+      [str(pallas)], inference=InferenceChoice(sliding_window=False))
   assert description['attention_kernel'] == 'xla'
   assert description['inputs']['images']['shape'] == ['b', 32, 32, 1]
   module = export.jax_export.deserialize(bytearray(artifact)).mlir_module()

@@ -28,6 +28,7 @@ from lintunet_jax.training import checkpointing
 from lintunet_jax.evaluation import report as evaluation
 from lintunet_jax.training import metric_logs as logging_utils
 from tests import train_testutil as tu
+from tests.evaluation import eval_testutil
 
 FIXTURE = pathlib.Path(__file__).resolve().parent / 'fixtures' / 'tiny_workdir'
 STEP = 4
@@ -80,7 +81,7 @@ def test_evaluation_reproduces_the_logged_validation(workdir, tmp_path, tmp_path
   config = checkpointing.load_config(workdir)
   config.dataset.data_dir = tu.data_dir(tmp_path_factory)  # the same data, here
   report_path = tmp_path / 'report.json'
-  report = evaluation.run(str(workdir), checkpoint='best', split='validation',
+  report = eval_testutil.run_eval(str(workdir), checkpoint='best', split='validation',
                           config=config, report_path=str(report_path),
                           num_overlays=2, measure_throughput=False,
                           resolution='model')  # the training log's convention

@@ -1,10 +1,13 @@
 """Evaluation: what eval.py and predict.py do with a trained workdir.
 
+  settings.py          EvalSettings / InferenceChoice / PredictOptions: the
+                       choices of eval.py, predict.py and the export, built once
   report.py            restore, evaluate a whole split, time, draw, write the report
   sliding_window.py    whole images at their own size: tiles, Gaussian blending,
                        flips TTA, ensembles, split over devices (one jit function)
-  whole_image_eval.py  eval.py's path through the sliding window / TTA / ensembles
-  ensemble.py          several workdirs restored and checked to agree
+  whole_image_eval.py  eval.py's entry (`run`); its path through the sliding
+                       window / TTA / ensembles
+  ensemble.py          the one restore: workdirs restored and checked to agree
   inference_flags.py   the --sliding_window/--overlap/--tta flags of every tool
   case_metrics.py      per-case Dice, IoU, NSD, HD95 in nnU-Net's summary layout
   throughput.py        timings that wait for the device (inference, train step)

@@ -2,7 +2,7 @@
 them: eval.py, predict.py and `python -m lintunet_jax.export`.
 
   INFERENCE = inference_flags.define()           # at import, like any flag
-  settings = sliding_window.inference_settings(config, **inference_flags.values(INFERENCE))
+  settings = inference_flags.choice(INFERENCE).resolve(config)
 
 Every flag defaults to None, which keeps the config's `inference` field
 (`configs/default.py`), so a model trained on patches slides its window
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from absl import flags
 
+from lintunet_jax.evaluation import settings
 from lintunet_jax.evaluation import sliding_window
 
 
@@ -42,7 +43,7 @@ def define(flag_values: flags.FlagValues = flags.FLAGS) -> dict[str, flags.FlagH
   }
 
 
-def values(holders: dict[str, flags.FlagHolder]) -> dict:
-  """The flags' values as keyword arguments of
-  `sliding_window.inference_settings` (None: the config's)."""
-  return {name: holder.value for name, holder in holders.items()}
+def choice(holders: dict[str, flags.FlagHolder]) -> settings.InferenceChoice:
+  """The flags' values (None: the config's)."""
+  return settings.InferenceChoice(**{name: holder.value
+                                     for name, holder in holders.items()})

@@ -1,13 +1,13 @@
 """Segment new images with a trained model: what `predict.py` does.
 
-  summary = prediction.predict_paths(model, config, ['scan.png', 'folder/'],
-                                     'out/', save_logits=True, overlays=True)
+  summary = prediction.predict_paths(model, config, ['scan.png', 'folder/'], 'out/',
+                                     PredictOptions(save_logits=True, overlays=True))
   summary = prediction.predict_paths([fold0, fold1], config, inputs, 'out/',
                                      settings=inference_settings(config,
                                          sliding_window=True, tta='flips'))
 
 Inputs are image files or folders (their image files, sorted; with
-`recursive=True` also those of sub-folders). Each image is read with
+`PredictOptions(recursive=True)` also those of sub-folders). Each image is read with
 `image_io.read_image` (the one decoder, so prediction sees what training
 saw) and run through `sliding_window.make_predict_fn` (one model or the
 mean of several, with the settings' TTA), then thresholded as in
@@ -59,6 +59,7 @@ from lintunet_jax.data import image_io
 from lintunet_jax.data import pipeline as input_pipeline
 from lintunet_jax.data import whole_images
 from lintunet_jax import metrics as metrics_lib
+from lintunet_jax.evaluation import settings as eval_settings
 from lintunet_jax.evaluation import sliding_window
 from lintunet_jax.evaluation import visualize
 
@@ -189,18 +190,18 @@ def _load(path: pathlib.Path, config, native: bool = False
 def predict_paths(model: nnx.Module | Sequence[nnx.Module],
                   config: ml_collections.ConfigDict,
                   inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
-                  *, batch_size: int | None = None, save_logits: bool = False,
-                  overlays: bool = False, recursive: bool = False,
-                  progress: bool | None = None,
-                  settings: sliding_window.InferenceSettings | None = None,
+                  options: eval_settings.PredictOptions = eval_settings.PredictOptions(),
+                  *, settings: sliding_window.InferenceSettings | None = None,
                   mesh: jax.sharding.Mesh | None = None) -> PredictSummary:
-  """Masks (and optionally overlays and logits) for every readable input.
+  """Masks (and, per `options`, overlays and logits) for every readable input.
 
   `model`: one model, or several (an ensemble: their logits averaged) that
   read `config`'s input. `settings`: window / TTA (default
   `sliding_window.inference_settings(config)`). `mesh`: devices to split
   each call's rows over (predict.py: all local devices).
   """
+  batch_size, save_logits = options.batch_size, options.save_logits
+  overlays, recursive, progress = options.overlays, options.recursive, options.progress
   files, skipped, ignored = collect_inputs(inputs, recursive=recursive)
   summary = PredictSummary(skipped=list(skipped), ignored=ignored)
   for path, why in skipped:

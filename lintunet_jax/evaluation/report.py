@@ -1,9 +1,8 @@
 """Evaluate a trained model on a whole split: metrics, throughput, pictures.
 
-  report = evaluation.run(workdir, checkpoint='best', split='test')
-
-does what `eval.py` does: restores the checkpoint and the config saved with
-it (`checkpointing.restore_model`), runs the shared eval step of training
+The parts of what `eval.py` does (`whole_image_eval.run` puts them
+together): `restore` the checkpoint and the config saved with it
+(`checkpointing.restore_model`), `evaluate` with the shared eval step of training
 (`train_lib`) over every example of the split once (padded batches, padding
 ignored), adds its exact counts in a `metrics.MetricAccumulator`, times the
 jit-compiled forward pass (`throughput.inference_throughput`), draws overlays
@@ -40,6 +39,7 @@ from lintunet_jax import metrics as metrics_lib
 from lintunet_jax import models
 from lintunet_jax.training import parallel
 from lintunet_jax.evaluation import case_metrics
+from lintunet_jax.evaluation import settings as eval_settings
 from lintunet_jax.evaluation import prediction
 from lintunet_jax.evaluation import throughput as throughput_lib
 from lintunet_jax.training import loop as train_lib
@@ -401,12 +401,14 @@ def model_summary(model: nnx.Module, config: ml_collections.ConfigDict) -> dict:
   }
 
 
-def build_report(*, workdir: str, checkpoint: str | int, step: int,
-                 config: ml_collections.ConfigDict, model_info: dict,
-                 split: str, output: EvalOutput,
-                 throughput: dict | None, artifacts: dict,
-                 config_source: str,
-                 train_throughput: dict | None = None) -> dict[str, Any]:
+def build_report(member, split: str, output: EvalOutput, *,
+                 throughput: dict | None, train_throughput: dict | None,
+                 artifacts: dict, config_source: str) -> dict[str, Any]:
+  """The report of `member` (an `ensemble.Member`: the first of an
+  ensemble names it) evaluated on `split`."""
+  workdir, config = member.workdir, member.config
+  checkpoint, step = member.selector, member.step
+  model_info = model_summary(member.model, config)
   metrics = dict(output.metrics)
   metrics['f1'] = metrics['dice']
   metrics['loss'] = output.loss
@@ -535,55 +537,6 @@ def restore(workdir: str, checkpoint: str | int | None,
   return config, model, step, selector
 
 
-def run(workdir: str, *, checkpoint: str | int | None = None,
-        split: str | None = None,
-        config: ml_collections.ConfigDict | None = None,
-        report_path: str | None = None, num_overlays: int = 4,
-        batch_size: int | None = None,
-        throughput_batch_sizes: Sequence[int] | None = None,
-        throughput_runs: int = 20, throughput_warmup: int = 3,
-        measure_throughput: bool = True, peak_flops: float | None = None,
-        measure_train_step: bool = False,
-        progress: bool = False, mesh: jax.sharding.Mesh | None = None,
-        resolution: str = 'native',
-        overrides: Mapping[str, Any] | None = None,
-        nsd_tolerance: float = case_metrics.DEFAULT_TOLERANCE,
-        case_names: Sequence[str] | Mapping[int, str] | None = None,
-        ) -> dict[str, Any]:
-  """Restore, evaluate, time, draw, and write the report; returns it.
-
-  `checkpoint`: 'best' | 'latest' | step; None picks 'best' when available.
-  `config` (optional) replaces the config saved in `workdir`; the checkpoint
-  must still match it (restore fails clearly otherwise). `split` defaults
-  to the config's `dataset.test_split`. `overrides` ({'a.b': value}, e.g.
-  from `--config.a.b=value`) change fields of that config (see `restore`).
-  `resolution`: where pixels are counted, a key of `RESOLUTIONS`. At
-  native resolution the per-case metrics (NSD at `nsd_tolerance` pixels,
-  cases named by `case_names[index]` or their index) go to
-  `cases_path(report_path)`, recorded in `report['per_case']`. Only
-  process 0 writes files.
-  """
-  if report_path:  # a bad URL fails before minutes of evaluation
-    paths.check(report_path, '--report')
-  source = config_source(config, overrides)
-  config, model, step, selector = restore(workdir, checkpoint, config,
-                                          overrides=overrides)
-  split = split or config.dataset.test_split
-  mesh = mesh if mesh is not None else parallel.create_mesh()
-  output = evaluate(model, config, split, mesh=mesh, batch_size=batch_size,
-                    num_samples=num_overlays, progress=progress,
-                    resolution=resolution, nsd_tolerance=nsd_tolerance,
-                    case_names=case_names)
-  return finish(
-      workdir, selector=selector, step=step, config=config, model=model,
-      split=split, output=output, config_source=source, mesh=mesh,
-      report_path=report_path or default_report_path(workdir, split, step),
-      measure_throughput=measure_throughput,
-      throughput_batch_sizes=throughput_batch_sizes,
-      throughput_runs=throughput_runs, throughput_warmup=throughput_warmup,
-      peak_flops=peak_flops, measure_train_step=measure_train_step)
-
-
 def config_source(config: ml_collections.ConfigDict | None,
                   overrides: Mapping[str, Any] | None) -> str:
   """The report's `config_source`: which config, with which overrides."""
@@ -594,39 +547,33 @@ def config_source(config: ml_collections.ConfigDict | None,
   return source
 
 
-def finish(workdir: str, *, selector: str | int, step: int,
-           config: ml_collections.ConfigDict, model: nnx.Module, split: str,
-           output: EvalOutput, config_source: str,  # pylint: disable=redefined-outer-name
-           mesh: jax.sharding.Mesh, report_path: str,
-           measure_throughput: bool = True,
-           throughput_batch_sizes: Sequence[int] | None = None,
-           throughput_runs: int = 20, throughput_warmup: int = 3,
-           peak_flops: float | None = None, measure_train_step: bool = False,
+def finish(member, *, split: str, output: EvalOutput,
+           settings: eval_settings.EvalSettings, report_path: str,
+           mesh: jax.sharding.Mesh, config_source: str,  # pylint: disable=redefined-outer-name
            extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
-  """What `run` does after the evaluation: times `model`, draws, builds the
-  report (with `extra` fields added) and writes it (process 0 only).
-  Shared with `whole_image_eval.run`."""
+  """What eval.py does after the evaluation of `member` (an
+  `ensemble.Member`, the first of an ensemble): times its model, draws,
+  builds the report (with `extra` fields added) and writes it (process 0
+  only)."""
+  config, model, timing = member.config, member.model, settings.throughput
   out_dir = artifacts_dir(report_path)
   throughput = None
-  if measure_throughput:
+  if timing.measure:
     throughput = throughput_lib.inference_throughput(
-        model, config, batch_sizes=throughput_batch_sizes,
-        warmup=throughput_warmup, runs=throughput_runs, mesh=mesh,
-        peak_flops=peak_flops)
+        model, config, batch_sizes=timing.batch_sizes, warmup=timing.warmup,
+        runs=timing.runs, mesh=mesh, peak_flops=timing.peak_flops)
   train_throughput = None
-  if measure_train_step:
+  if timing.train_step:
     train_throughput = throughput_lib.train_step_throughput(
-        config, mesh=mesh, warmup=min(throughput_warmup, 2),
-        runs=max(1, throughput_runs // 2), peak_flops=peak_flops)
+        config, mesh=mesh, warmup=min(timing.warmup, 2),
+        runs=max(1, timing.runs // 2), peak_flops=timing.peak_flops)
   writer = jax.process_index() == 0
-  artifacts = (save_pictures(workdir, out_dir, output, config, split) if writer
+  artifacts = (save_pictures(member.workdir, out_dir, output, config, split) if writer
                else {'overlays': [], 'training_curves': None})
   artifacts['folder'] = paths.absolute(out_dir)
-  report = build_report(
-      workdir=workdir, checkpoint=selector, step=step, config=config,
-      model_info=model_summary(model, config), split=split, output=output,
-      throughput=throughput, train_throughput=train_throughput,
-      artifacts=artifacts, config_source=config_source)
+  report = build_report(member, split, output, throughput=throughput,
+                        train_throughput=train_throughput, artifacts=artifacts,
+                        config_source=config_source)
   report['per_case'] = None
   if output.per_case is not None:
     path = cases_path(report_path)

@@ -1,13 +1,14 @@
 """Evaluation through `sliding_window.make_predict_fn`: windows, TTA, ensembles.
 
-  report = whole_image_eval.run(['runs/fold0', 'runs/fold1'], tta='flips')
+  report = whole_image_eval.run(['runs/fold0', 'runs/fold1'],
+                                EvalSettings(inference=InferenceChoice(tta='flips')))
   output = whole_image_eval.evaluate(predict_fn, config, split, settings)
 
-`run` is what eval.py does: `report.run` for one or several workdirs (an
-ensemble, `ensemble.restore_members`) with config.inference and the
-command line's window / TTA settings; the report gets an `inference` field.
-With none of window, TTA or ensemble it is exactly `report.run`'s
-evaluation (training's eval step); otherwise the split goes through
+`run` is what eval.py does, for one or several workdirs (an ensemble,
+`ensemble.restore_members`) with config.inference and the command line's
+window / TTA settings (`settings.EvalSettings`); the report gets an
+`inference` field. With none of window, TTA or ensemble it evaluates with
+training's eval step (`report.evaluate`); otherwise the split goes through
 `evaluate` below. Throughput always times the first model's plain forward
 pass (one model, model-size input), as a single-model report does.
 
@@ -58,6 +59,7 @@ from lintunet_jax.data import pipeline as input_pipeline
 from lintunet_jax.data import whole_images
 from lintunet_jax.evaluation import case_metrics
 from lintunet_jax.evaluation import ensemble
+from lintunet_jax.evaluation import settings as eval_settings
 from lintunet_jax.evaluation import report as evaluation
 from lintunet_jax.evaluation import sliding_window as sw
 from lintunet_jax.training import parallel
@@ -195,68 +197,59 @@ def evaluate(predict_fn: Callable[[jax.Array], jax.Array],
       resolution='native', samples=samples, per_image=per_image, notes=notes)
 
 
-def run(workdirs: str | Sequence[str], *, checkpoint: str | int | None = None,
-        split: str | None = None,
+def run(workdirs: str | Sequence[str], settings: eval_settings.EvalSettings, *,
         config: ml_collections.ConfigDict | None = None,
-        report_path: str | None = None, num_overlays: int = 4,
-        batch_size: int | None = None,
-        throughput_batch_sizes: Sequence[int] | None = None,
-        throughput_runs: int = 20, throughput_warmup: int = 3,
-        measure_throughput: bool = True, peak_flops: float | None = None,
-        measure_train_step: bool = False, progress: bool = False,
-        mesh: jax.sharding.Mesh | None = None, resolution: str = 'native',
         overrides: Mapping[str, Any] | None = None,
-        sliding_window: bool | None = None, overlap: float | None = None,
-        tta: str | None = None, tile_batch_size: int | None = None,
-        nsd_tolerance: float = case_metrics.DEFAULT_TOLERANCE,
+        mesh: jax.sharding.Mesh | None = None,
         case_names: Sequence[str] | None = None,
         on_image: ImageHook | None = None) -> dict[str, Any]:
-  """`report.run` for one workdir or an ensemble, with inference settings.
+  """Restores, evaluates, times, draws and writes the report; returns it.
 
-  The arguments are `report.run`'s, plus: several `workdirs` (their logits
-  averaged; checked by `ensemble.restore_members`; the first's config,
-  threshold and step name the report, written by default to
-  `report.default_report_path(first, split, step, N)`), and
-  `sliding_window`, `overlap`, `tta`, `tile_batch_size` on top of
-  config.inference (`sliding_window.inference_settings`). `on_image` is
-  called per image in the window / TTA / ensemble mode, after the per-case
-  metrics (`case_metrics`, NSD at `nsd_tolerance`) that both modes write
-  next to the report at native resolution. The report gets
-  `inference`: the settings, `evaluated_by` and every member's workdir and
-  step.
+  `workdirs`: one, or several (their logits averaged; checked by
+  `ensemble.restore_members`; the first's config, threshold and step name
+  the report, written by default to
+  `report.default_report_path(first, split, step, N)`). `config`
+  (optional) replaces the config saved in each workdir; `overrides`
+  ({'a.b': value}, from `--config.a.b=value`) change fields of it
+  (`report.restore`). At native resolution the per-case metrics (NSD at
+  `settings.nsd_tolerance` pixels, cases named by `case_names[index]` or
+  the stored file names) go next to the report. `on_image` is called per
+  image in the window / TTA / ensemble mode, after the per-case metrics.
+  The report gets `inference`: the settings, `evaluated_by` and every
+  member's workdir and step. Only process 0 writes files.
   """
+  report_path, split = settings.report_path, settings.split
   if report_path:  # a bad URL fails before minutes of evaluation
     paths.check(report_path, '--report')
   workdirs = ([os.fspath(workdirs)] if isinstance(workdirs, (str, os.PathLike))
               else [os.fspath(w) for w in workdirs])
   source = evaluation.config_source(config, overrides)
-  members = ensemble.restore_members(workdirs, checkpoint, config, overrides)
+  members = ensemble.restore_members(workdirs, settings.checkpoint, config, overrides)
   first = members[0]
   config = first.config
   try:
-    settings = sw.inference_settings(
-        config, sliding_window=sliding_window, overlap=overlap, tta=tta,
-        tile_batch_size=tile_batch_size)
+    inference_settings = settings.inference.resolve(config)
   except ValueError as e:
     raise evaluation.EvaluationError(str(e)) from None
   split = split or config.dataset.test_split
   mesh = mesh if mesh is not None else parallel.create_mesh()
-  whole = settings.window or settings.tta != 'none' or len(members) > 1
+  whole = (inference_settings.window or inference_settings.tta != 'none'
+           or len(members) > 1)
   if whole:
-    if resolution != 'native':
+    if settings.resolution != 'native':
       raise evaluation.EvaluationError(
-          f"resolution={resolution!r} needs the model's own eval step; the "
+          f"resolution={settings.resolution!r} needs the model's own eval step; the "
           'sliding window, TTA and ensembles count at native size only')
     # Each process predicts its own images: the model calls are split over
     # this process's devices only.
     local_mesh = (mesh if jax.process_count() == 1
                   else parallel.create_mesh(jax.local_devices()))
     predict_fn = sw.make_predict_fn(
-        [m.model for m in members], settings, mesh=local_mesh)
+        [m.model for m in members], inference_settings, mesh=local_mesh)
     if case_names is None:
       case_names = evaluation.default_case_names(config, split)
     cases = case_metrics.CaseCollector(num_classes=config.model.num_classes,
-                                       tolerance=nsd_tolerance,
+                                       tolerance=settings.nsd_tolerance,
                                        case_names=case_names)
 
     def per_image(index, predicted, truth):
@@ -264,31 +257,29 @@ def run(workdirs: str | Sequence[str], *, checkpoint: str | int | None = None,
       if on_image is not None:
         on_image(index, predicted, truth)
 
-    output = evaluate(predict_fn, config, split, settings,
-                      images_per_call=batch_size, num_samples=num_overlays,
-                      progress=progress, on_image=per_image)
+    output = evaluate(predict_fn, config, split, inference_settings,
+                      images_per_call=settings.batch_size,
+                      num_samples=settings.num_overlays,
+                      progress=settings.progress, on_image=per_image)
     output.per_case = cases.summary()
-    if measure_throughput:
+    if settings.throughput.measure:
       output.notes.append(
           "throughput: the first model's plain forward pass at model size "
           '(not the window, TTA or ensemble)')
   else:
     output = evaluation.evaluate(first.model, config, split, mesh=mesh,
-                                 batch_size=batch_size, num_samples=num_overlays,
-                                 progress=progress, resolution=resolution,
-                                 nsd_tolerance=nsd_tolerance,
+                                 batch_size=settings.batch_size,
+                                 num_samples=settings.num_overlays,
+                                 progress=settings.progress,
+                                 resolution=settings.resolution,
+                                 nsd_tolerance=settings.nsd_tolerance,
                                  case_names=case_names)
-  inference = {**settings.describe(),
+  inference = {**inference_settings.describe(),
                'evaluated_by': ('whole_image_eval (make_predict_fn)' if whole
                                 else 'eval step (one model, no TTA)'),
                'members': [m.describe() for m in members]}
   return evaluation.finish(
-      first.workdir, selector=first.selector, step=first.step, config=config,
-      model=first.model, split=split, output=output, config_source=source,
-      mesh=mesh, report_path=report_path or evaluation.default_report_path(
+      first, split=split, output=output, settings=settings,
+      report_path=report_path or evaluation.default_report_path(
           first.workdir, split, first.step, len(members)),
-      measure_throughput=measure_throughput,
-      throughput_batch_sizes=throughput_batch_sizes,
-      throughput_runs=throughput_runs, throughput_warmup=throughput_warmup,
-      peak_flops=peak_flops, measure_train_step=measure_train_step,
-      extra={'inference': inference})
+      mesh=mesh, config_source=source, extra={'inference': inference})

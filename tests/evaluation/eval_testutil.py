@@ -57,3 +57,24 @@ def as_trained_with_pallas(workdir: pathlib.Path, copy: pathlib.Path) -> pathlib
     edited += 1
   assert edited >= 2, 'no checkpoint config found to edit'
   return copy
+
+
+_THROUGHPUT = {'measure_throughput': 'measure', 'throughput_batch_sizes': 'batch_sizes',
+               'throughput_runs': 'runs', 'throughput_warmup': 'warmup',
+               'peak_flops': 'peak_flops', 'measure_train_step': 'train_step'}
+_INFERENCE = ('sliding_window', 'overlap', 'tta', 'tile_batch_size')
+_RUN = ('config', 'overrides', 'mesh', 'case_names', 'on_image')
+
+
+def run_eval(workdirs, **kwargs):
+  """whole_image_eval.run (eval.py's entry) with the settings given as
+  keywords, under the names of eval.py's flags (`throughput_runs=2`,
+  `tta='flips'`, `resolution='model'`...), so tests read as a command line."""
+  from lintunet_jax.evaluation import settings  # pylint: disable=g-import-not-at-top
+  from lintunet_jax.evaluation import whole_image_eval  # pylint: disable=g-import-not-at-top
+  run = {k: kwargs.pop(k) for k in _RUN if k in kwargs}
+  timing = {_THROUGHPUT[k]: kwargs.pop(k) for k in list(kwargs) if k in _THROUGHPUT}
+  choice = {k: kwargs.pop(k) for k in _INFERENCE if k in kwargs}
+  return whole_image_eval.run(workdirs, settings.EvalSettings(
+      **kwargs, inference=settings.InferenceChoice(**choice),
+      throughput=settings.ThroughputSettings(**timing)), **run)

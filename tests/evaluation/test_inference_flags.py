@@ -1,6 +1,8 @@
 """The shared inference flags: None keeps the config's `inference` field,
 given values reach `sliding_window.inference_settings`."""
 
+import dataclasses
+
 from absl import flags
 import pytest
 
@@ -14,7 +16,7 @@ def _parse(*argv):
   holders = inference_flags.define(fv)
   fv(['prog', *argv])
   assert tuple(holders) == inference_flags.NAMES
-  return inference_flags.values(holders)
+  return dataclasses.asdict(inference_flags.choice(holders))
 
 
 def test_unset_flags_keep_the_config():

@@ -149,7 +149,7 @@ def test_native_resolution_counts_each_image_at_its_own_size(run):
     expected_pairs.append((mask, _nearest(crop, *mask.shape)))
   expected = _metrics(expected_pairs)
   assert expected['pixels'] == sum(h * w for h, w in TEST_SIZES)
-  report = evaluation.run(run['workdir'], split='test', num_overlays=0,
+  report = eval_testutil.run_eval(run['workdir'], split='test', num_overlays=0,
                           measure_throughput=False)  # native: the default
   assert report['resolution'] == 'native'
   assert 'own size' in report['conventions']
@@ -206,7 +206,7 @@ def test_model_resolution_never_counts_the_padding(run):
   expected = _metrics(expected_pairs)
   if run['resize'] == 'pad':  # the images do not fill the canvas
     assert expected['pixels'] < len(TEST_SIZES) * SIZE * SIZE
-  report = evaluation.run(run['workdir'], split='test', num_overlays=0,
+  report = eval_testutil.run_eval(run['workdir'], split='test', num_overlays=0,
                           measure_throughput=False, resolution='model')
   assert report['resolution'] == 'model'
   assert report['per_case'] is None  # per-case metrics are native only

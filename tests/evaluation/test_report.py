@@ -115,7 +115,7 @@ def expected_metrics(logits, masks, threshold=0.5):
 def report(setup):
   # At model resolution (the counts training validation makes), which the
   # expected metrics below compute; native resolution has its own test file.
-  return evaluation.run(setup['workdir'], num_overlays=3,
+  return eval_testutil.run_eval(setup['workdir'], num_overlays=3,
                         throughput_batch_sizes=(1, 2), throughput_runs=2,
                         throughput_warmup=1, resolution='model')
 
@@ -190,15 +190,15 @@ def test_checkpoint_selection(setup):
 def test_split_that_does_not_exist(setup):
   with pytest.raises(evaluation.EvaluationError,
                      match=r"split 'tset'.*\['train', 'validation', 'test'\]"):
-    evaluation.run(setup['workdir'], split='tset', measure_throughput=False)
+    eval_testutil.run_eval(setup['workdir'], split='tset', measure_throughput=False)
 
 
 def test_workdir_without_checkpoints(setup, tmp_path):
   with pytest.raises(evaluation.EvaluationError, match='does not exist'):
-    evaluation.run(str(tmp_path / 'nowhere'))
+    eval_testutil.run_eval(str(tmp_path / 'nowhere'))
   checkpointing.save_config(tmp_path, setup['config'])
   with pytest.raises(FileNotFoundError, match=r'no checkpoints.*config\.json'):
-    evaluation.run(str(tmp_path))
+    eval_testutil.run_eval(str(tmp_path))
   # Weights only, no validation metrics: the default falls back to 'latest',
   # an explicit 'best' says why it cannot.
   checkpointing.write_weights_checkpoint(tmp_path, setup['config'],
@@ -223,11 +223,11 @@ def test_checkpoint_of_a_different_model(setup):
   other = tiny_config(setup['data_dir'])
   other.model.width = 8
   with pytest.raises(checkpointing.CheckpointError, match='does not match'):
-    evaluation.run(setup['workdir'], config=other, measure_throughput=False)
+    eval_testutil.run_eval(setup['workdir'], config=other, measure_throughput=False)
   unet = tiny_config(setup['data_dir'], name='unet')
   with pytest.raises(checkpointing.CheckpointError,
                      match='in the checkpoint but not the model'):
-    evaluation.run(setup['workdir'], config=unet, measure_throughput=False)
+    eval_testutil.run_eval(setup['workdir'], config=unet, measure_throughput=False)
 
 
 def _report(name, iou, images_per_s=100.0, multiclass=False):

@@ -104,8 +104,8 @@ def test_ensemble_report_states_tta_and_equals_its_single_member(setup):
   # The same workdir twice is its own mean: identical metrics and per-image
   # counts; the report and its table say TTA and the two members.
   kwargs = dict(measure_throughput=False, num_overlays=0, tta='flips')
-  single = whole_image_eval.run(setup['workdir'], **kwargs)
-  pair = whole_image_eval.run([setup['workdir'], setup['workdir']], **kwargs)
+  single = eval_testutil.run_eval(setup['workdir'], **kwargs)
+  pair = eval_testutil.run_eval([setup['workdir'], setup['workdir']], **kwargs)
   for key in ('dice', 'iou', 'accuracy', 'iou_per_image'):
     assert pair['metrics'][key] == single['metrics'][key], key
   # Per-case metrics in this mode too, next to the report, one per image.
@@ -127,7 +127,7 @@ def test_ensemble_report_states_tta_and_equals_its_single_member(setup):
   assert 'whole image at 32px, tta flips, 2 models' in table
   assert 'Loss' in table and 'n/a' in table
   with pytest.raises(evaluation.EvaluationError, match='native size only'):
-    whole_image_eval.run(setup['workdir'], resolution='model',
+    eval_testutil.run_eval(setup['workdir'], resolution='model',
                          sliding_window=True, measure_throughput=False)
 
 
