@@ -441,25 +441,21 @@ def plot(table: dict, path: str) -> str:
 
 def predict_native(workdir: str, positions: list[int]):
   """(config, [(image, mask, prediction)]) of the best checkpoint in
-  `workdir` on test examples `positions`, as predict.py computes masks."""
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from lintunet_jax import metrics as metrics_lib  # pylint: disable=import-outside-toplevel
+  `workdir` on test examples `positions`, as predict.py computes masks
+  (the one prediction loop, `stream.predict_native`), in `positions` order."""
   from lintunet_jax.data import pipeline as input_pipeline  # pylint: disable=import-outside-toplevel
-  from lintunet_jax.evaluation import prediction  # pylint: disable=import-outside-toplevel
   from lintunet_jax.evaluation import report as evaluation  # pylint: disable=import-outside-toplevel
+  from lintunet_jax.evaluation import sliding_window  # pylint: disable=import-outside-toplevel
+  from lintunet_jax.evaluation import stream  # pylint: disable=import-outside-toplevel
   config, model, _, _ = evaluation.restore(workdir, 'best')
   source = input_pipeline.prepare_dataset(config).as_data_source(config.dataset.test_split)
-  forward = prediction.make_forward(model)
-  out = []
-  for position in positions:
-    example = source[position]
-    image, mask = np.asarray(example['image']), np.asarray(example['mask'])
-    prepared = input_pipeline.preprocess_image(image, config)
-    classes = metrics_lib.predict_classes(forward(jnp.asarray(prepared[None])),
-                                          config.threshold)
-    out.append((image, mask, np.asarray(input_pipeline.restore_mask_size(
-        np.asarray(classes[0]), mask.shape[:2], config))))
-  return config, out
+  settings = sliding_window.inference_settings(config)
+  examples = ((k, np.asarray(source[position]['image']), np.asarray(source[position]['mask']))
+              for k, position in enumerate(positions))
+  out = {p.key: (p.image, p.extra, p.predicted) for p in stream.predict_native(
+      sliding_window.make_predict_fn([model], settings), examples, config, settings,
+      images_per_call=1)}
+  return config, [out[k] for k in range(len(positions))]
 
 
 def draw_disagreements(table: dict, runs_by_model: dict, positions: list[int],

@@ -7,6 +7,8 @@
                        flips TTA, ensembles, split over devices (one jit function)
   whole_image_eval.py  eval.py's entry (`run`); its path through the sliding
                        window / TTA / ensembles
+  stream.py            the one loop running a predictor over images at their
+                       own size (whole_image_eval, predict.py, the seed table)
   ensemble.py          the one restore: workdirs restored and checked to agree
   inference_flags.py   the --sliding_window/--overlap/--tta flags of every tool
   case_metrics.py      per-case Dice, IoU, NSD, HD95 in nnU-Net's summary layout

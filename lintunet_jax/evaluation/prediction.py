@@ -7,23 +7,14 @@
                                          sliding_window=True, tta='flips'))
 
 Inputs are image files or folders (their image files, sorted; with
-`PredictOptions(recursive=True)` also those of sub-folders). Each image is read with
-`image_io.read_image` (the one decoder, so prediction sees what training
-saw) and run through `sliding_window.make_predict_fn` (one model or the
-mean of several, with the settings' TTA), then thresholded as in
-evaluation (`metrics.predict_classes`). `settings` (default:
-`inference_settings(config)`) chooses the geometry:
-
-  * without the window: preprocessed with `input_pipeline.preprocess_image`
-    (resize/pad to the model's size, normalisation), predicted in
-    fixed-size batches (the last one padded, so one compilation serves
-    all), the mask brought back to the image's own size with
-    `input_pipeline.restore_mask_size`;
-  * with the window (`settings.window`, the default for models trained on
-    patches): normalised at its own size (`whole_images.native_input`)
-    and predicted tile by tile at that size, nothing resized. Images are
-    grouped by shape (one compilation per distinct shape; a batch of one
-    shape is padded to `batch_size`, default 1: the tiles are the batch).
+`PredictOptions(recursive=True)` also those of sub-folders). Each image is
+read with `image_io.read_image` (the one decoder, so prediction sees what
+training saw) and predicted through `stream.predict_native` (the loop
+eval.py's window / TTA / ensemble mode uses too) with
+`sliding_window.make_predict_fn` (one model or the mean of several, with
+the settings' TTA); `settings` (default `inference_settings(config)`)
+choose the geometry: resized to the model's size and the mask brought
+back, or tiled at the image's own size with the window.
 
 Per input `<stem>` it writes to the output folder:
   <stem>.png          the mask at the input's size: 0/255 for binary models,
@@ -48,7 +39,6 @@ import sys
 from typing import Iterable, Sequence
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
@@ -56,11 +46,9 @@ from PIL import Image
 
 from lintunet_jax import paths
 from lintunet_jax.data import image_io
-from lintunet_jax.data import pipeline as input_pipeline
-from lintunet_jax.data import whole_images
-from lintunet_jax import metrics as metrics_lib
 from lintunet_jax.evaluation import settings as eval_settings
 from lintunet_jax.evaluation import sliding_window
+from lintunet_jax.evaluation import stream
 from lintunet_jax.evaluation import visualize
 
 
@@ -174,19 +162,6 @@ def mask_to_png_array(mask: np.ndarray, num_classes: int) -> np.ndarray:
   return mask.astype(np.uint8)
 
 
-def _load(path: pathlib.Path, config, native: bool = False
-          ) -> tuple[np.ndarray, np.ndarray]:
-  """(original uint8 image, preprocessed float32 [S,S,C], or [H,W,C] at the
-  image's own size when `native`); raises on bad input."""
-  original = image_io.read_image(path)
-  try:
-    prepared = (whole_images.native_input(original, config) if native else
-                input_pipeline.preprocess_image(original, config))
-  except (ValueError, TypeError) as e:
-    raise image_io.ImageReadError(path, f'cannot be preprocessed ({e})') from None
-  return original, np.asarray(prepared, np.float32)
-
-
 def predict_paths(model: nnx.Module | Sequence[nnx.Module],
                   config: ml_collections.ConfigDict,
                   inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
@@ -223,84 +198,49 @@ def predict_paths(model: nnx.Module | Sequence[nnx.Module],
             '--output folder that is not an input folder')
   out_dir.mkdir(parents=True, exist_ok=True)
   settings = settings or sliding_window.inference_settings(config)
-  native = settings.window
-  batch_size = int(batch_size or (1 if native else config.eval_batch_size))
+  batch_size = int(batch_size or (1 if settings.window else config.eval_batch_size))
   batch_size = max(1, min(batch_size, len(files)))
-  size = input_pipeline.model_input_size(config)
-  shape = (size, size, config.model.in_channels)
   num_classes = config.model.num_classes
   members = list(model) if isinstance(model, (list, tuple)) else [model]
   forward = sliding_window.make_predict_fn(members, settings, mesh=mesh)
-  if progress is None:
-    progress = len(files) > 1
-  bar = None
-  if progress:
-    import tqdm  # pylint: disable=import-outside-toplevel
-    bar = tqdm.tqdm(total=len(files), desc='predict', unit='img')
+  import tqdm  # pylint: disable=import-outside-toplevel
+  bar = tqdm.tqdm(total=len(files), desc='predict', unit='img',
+                  disable=not (len(files) > 1 if progress is None else progress))
 
-  # Prepared images waiting for a full batch, by shape (one without the
-  # window; one per distinct image size with it).
-  waiting: dict[tuple[int, ...], list[tuple[pathlib.Path, str, np.ndarray,
-                                            np.ndarray]]] = {}
+  def skip(path, why):
+    warn(f'skipping {path}: {why}')
+    summary.skipped.append((str(path), why))
+    bar.update(1)
 
-  def flush(image_shape):
-    pending = waiting.pop(image_shape, [])
-    if not pending:
-      return
-    images = np.zeros((batch_size, *image_shape), np.float32)
-    for i, (_, _, _, prepared) in enumerate(pending):
-      images[i] = prepared
-    logits = forward(jnp.asarray(images))
-    classes = np.asarray(metrics_lib.predict_classes(logits, config.threshold))
-    logits = np.asarray(logits)
-    for i, (path, stem, original, _) in enumerate(pending):
-      mask = (classes[i] if native else input_pipeline.restore_mask_size(
-          classes[i], original.shape[:2], config))
-      mask = np.asarray(mask)
-      entry = {'input': str(path), 'mask': str(out_dir / f'{stem}.png'),
-               'original_size': list(original.shape[:2]),
-               'foreground_fraction': float(np.mean(mask > 0))}
-      png = io.BytesIO()
-      Image.fromarray(mask_to_png_array(mask, num_classes)).save(png, format='PNG')
-      paths.write_bytes(entry['mask'], png.getvalue())
-      if save_logits:
-        entry['logits'] = str(out_dir / f'{stem}.npy')
-        array = io.BytesIO()
-        np.save(array, logits[i].astype(np.float32))
-        paths.write_bytes(entry['logits'], array.getvalue())
-      if overlays:
-        entry['overlay'] = visualize.save_overlay(
-            out_dir / f'{stem}_overlay.png', original, None, mask,
-            num_classes=max(num_classes, 2), title=path.name)
-      summary.written.append(entry)
-    if bar is not None:
-      bar.update(len(pending))
+  def readable():
+    for path, stem in zip(files, stems):
+      try:
+        yield path, image_io.read_image(path), stem
+      except image_io.ImageReadError as e:
+        skip(path, e.problem)
 
-  for path, stem in zip(files, stems):
-    try:
-      original, prepared = _load(path, config, native=native)
-    except image_io.ImageReadError as e:
-      warn(f'skipping {e}')
-      summary.skipped.append((str(path), e.problem))
-      if bar is not None:
-        bar.update(1)
-      continue
-    expected = (*prepared.shape[:2], shape[-1]) if native else shape
-    if prepared.shape != expected:
-      why = f'preprocessed to {prepared.shape}, model expects {expected}'
-      warn(f'skipping {path}: {why}')
-      summary.skipped.append((str(path), why))
-      if bar is not None:
-        bar.update(1)
-      continue
-    group = waiting.setdefault(prepared.shape, [])
-    group.append((path, stem, original, prepared))
-    if len(group) == batch_size:
-      flush(prepared.shape)
-  for image_shape in list(waiting):
-    flush(image_shape)
-  if bar is not None:
-    bar.close()
+  for p in stream.predict_native(forward, readable(), config, settings,
+                                 images_per_call=batch_size, keep_logits=save_logits,
+                                 on_error=lambda path, e: skip(path, str(e))):
+    path, original, stem, mask = p.key, p.image, p.extra, p.predicted
+    entry = {'input': str(path), 'mask': str(out_dir / f'{stem}.png'),
+             'original_size': list(original.shape[:2]),
+             'foreground_fraction': float(np.mean(mask > 0))}
+    png = io.BytesIO()
+    Image.fromarray(mask_to_png_array(mask, num_classes)).save(png, format='PNG')
+    paths.write_bytes(entry['mask'], png.getvalue())
+    if save_logits:
+      entry['logits'] = str(out_dir / f'{stem}.npy')
+      array = io.BytesIO()
+      np.save(array, p.logits.astype(np.float32))
+      paths.write_bytes(entry['logits'], array.getvalue())
+    if overlays:
+      entry['overlay'] = visualize.save_overlay(
+          out_dir / f'{stem}_overlay.png', original, None, mask,
+          num_classes=max(num_classes, 2), title=path.name)
+    summary.written.append(entry)
+    bar.update(1)
+  bar.close()
   return summary
 
 

@@ -12,34 +12,15 @@ training's eval step (`report.evaluate`); otherwise the split goes through
 `evaluate` below. Throughput always times the first model's plain forward
 pass (one model, model-size input), as a single-model report does.
 
-`report.evaluate` runs training's eval step: one model, no TTA, images
-resized to the model's size. This loop runs any `make_predict_fn`
-predictor instead (an ensemble's mean logits, flips TTA, the sliding
-window) over the split's stored examples one by one
-(`whole_images.iterate_split`), and counts each image at its own size
-against its stored mask, exactly as `report.evaluate_native` does:
-
-  * with the window (`settings.window`) each image is normalised at its
-    own size (`whole_images.native_input`), predicted at that size and
-    thresholded (`metrics.predict_classes`): nothing is resized;
-  * without it (TTA or an ensemble on a whole-image model) each image is
-    preprocessed to the model's size (`preprocess_image`) and the mask
-    brought back with `restore_mask_size`, as predict.py writes it.
-
-Counts come from `metrics.class_counts` against the stored native mask,
-so the metric dict and `per_image` arrays have `evaluate_native`'s keys.
-The loss is not computed here (the window blends logits of tiles; a loss
-on them is not training's loss): `EvalOutput.loss` is None.
-
-Images of one shape are batched together (`images_per_call` per call,
-padded to it, so each distinct shape compiles once). With the window the
-tiles already fill the device (`settings.tile_batch_size` per call), so
-one image per call is the default.
-
-`on_image(index, predicted [H, W] int, truth [H, W] uint8)` is called for
-every image at native size (e.g. per-case metrics). Processes evaluate
-strided shares of the split; counts are summed and per-image rows
-gathered across them.
+`evaluate` runs any `make_predict_fn` predictor (an ensemble's mean
+logits, flips TTA, the sliding window) over the split's stored examples
+through `stream.predict_native` and counts each image at its own size
+against its stored mask, as `report.evaluate_native` does for training's
+eval step, with the same metric keys; the loss is not computed (blended
+logits are not training's loss's input). `on_image(index, predicted,
+truth)` is called for every image at native size (per-case metrics).
+Processes evaluate strided shares of the split; counts are summed and
+per-image rows gathered across them.
 """
 
 from __future__ import annotations
@@ -49,19 +30,17 @@ import time
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from lintunet_jax import metrics as metrics_lib
 from lintunet_jax import paths
-from lintunet_jax.data import pipeline as input_pipeline
 from lintunet_jax.data import whole_images
 from lintunet_jax.evaluation import case_metrics
 from lintunet_jax.evaluation import ensemble
 from lintunet_jax.evaluation import settings as eval_settings
 from lintunet_jax.evaluation import report as evaluation
 from lintunet_jax.evaluation import sliding_window as sw
+from lintunet_jax.evaluation import stream
 from lintunet_jax.training import parallel
 
 ImageHook = Callable[[int, np.ndarray, np.ndarray], None]
@@ -70,12 +49,6 @@ ImageHook = Callable[[int, np.ndarray, np.ndarray], None]
 NO_LOSS_NOTE = ('loss not computed: predictions come from make_predict_fn '
                 '(sliding window / TTA / ensemble), whose blended logits '
                 "are not the training loss's input")
-
-
-def default_images_per_call(config, settings: sw.InferenceSettings
-                            ) -> int:
-  """1 with the window (the tiles are the batch), else eval_batch_size."""
-  return 1 if settings.window else int(config.eval_batch_size)
 
 
 def evaluate(predict_fn: Callable[[jax.Array], jax.Array],
@@ -98,40 +71,30 @@ def evaluate(predict_fn: Callable[[jax.Array], jax.Array],
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
   total = evaluation.check_split(config, split)
-  images_per_call = int(images_per_call or default_images_per_call(config, settings))
+  # With the window the tiles fill the device: one image per call.
+  images_per_call = int(images_per_call or (1 if settings.window
+                                            else config.eval_batch_size))
   if images_per_call < 1:
     raise evaluation.EvaluationError(
         f'images per call must be >= 1, got {images_per_call}')
 
-  if settings.window:
-    prepare = lambda image: whole_images.native_input(image, config)  # pylint: disable=unnecessary-lambda-assignment
-  else:
-    prepare = lambda image: np.asarray(  # pylint: disable=unnecessary-lambda-assignment
-        input_pipeline.preprocess_image(image, config), np.float32)
-
   counter = evaluation.NativeCounts(config.model.num_classes)
   samples: dict[str, list] = {'image': [], 'mask': [], 'prediction': [], 'index': []}
-  sample_indices: set[int] = set()
-  # shape -> [(raw image, prepared, mask, index)] waiting for a full batch
-  waiting: dict[tuple[int, ...], list] = {}
-  in_flight: list = []  # dispatched (logits, items), drained in order
-
-  def dispatch(shape):
-    items = waiting.pop(shape)
-    batch = np.zeros((images_per_call, *shape), np.float32)
-    for i, item in enumerate(items):
-      batch[i] = item[1]
-    in_flight.append((predict_fn(jnp.asarray(batch)), items))
-
-  def drain():
-    logits, items = in_flight.pop(0)
-    classes = np.asarray(metrics_lib.predict_classes(logits, config.threshold))
-    for i, (raw, _, truth, index) in enumerate(items):
-      if settings.window:
-        predicted = classes[i]
-      else:
-        predicted = np.asarray(input_pipeline.restore_mask_size(
-            classes[i], truth.shape[:2], config))
+  import tqdm  # pylint: disable=import-outside-toplevel
+  bar = tqdm.tqdm(total=len(whole_images.process_share(total, process_index, process_count)),
+                  desc=f'eval {split}', unit='img', leave=False,
+                  disable=not (progress and process_index == 0))
+  start = time.perf_counter()
+  examples = whole_images.iterate_split(
+      config, split, prepare=lambda image: image,
+      process_index=process_index, process_count=process_count)
+  # key: (index, kept as an overlay): the first num_samples of the share.
+  keyed = (((index, position < num_samples), raw, truth)
+           for position, (raw, truth, index) in enumerate(examples))
+  try:
+    for p in stream.predict_native(predict_fn, keyed, config, settings,
+                                   images_per_call=images_per_call):
+      (index, sample), raw, truth, predicted = p.key, p.image, p.extra, p.predicted
       if predicted.shape != truth.shape[:2]:
         raise evaluation.EvaluationError(
             f'example {index} of split {split!r}: image {raw.shape[:2]} and '
@@ -139,40 +102,13 @@ def evaluate(predict_fn: Callable[[jax.Array], jax.Array],
       counter.add(index, predicted, truth)
       if on_image is not None:
         on_image(index, predicted, truth)
-      if index in sample_indices:
+      if sample:
         for key, value in (('image', raw), ('mask', truth),
                            ('prediction', predicted), ('index', index)):
           samples[key].append(value)
-      if bar is not None:
-        bar.update(1)
-
-  bar = None
-  share = len(whole_images.process_share(total, process_index, process_count))
-  if progress and process_index == 0:
-    import tqdm  # pylint: disable=import-outside-toplevel
-    bar = tqdm.tqdm(total=share, desc=f'eval {split}', unit='img', leave=False)
-  start = time.perf_counter()
-  try:
-    examples = whole_images.iterate_split(
-        config, split, prepare=lambda image: image,
-        process_index=process_index, process_count=process_count)
-    for position, (raw, truth, index) in enumerate(examples):
-      if position < num_samples:
-        sample_indices.add(index)
-      prepared = prepare(raw)
-      waiting.setdefault(prepared.shape, []).append((raw, prepared, truth, index))
-      if len(waiting[prepared.shape]) == images_per_call:
-        dispatch(prepared.shape)
-      if len(in_flight) > 2:  # bound the device queue, keep it busy
-        drain()
-    for shape in list(waiting):
-      dispatch(shape)
-      drain()
-    while in_flight:
-      drain()
+      bar.update(1)
   finally:
-    if bar is not None:
-      bar.close()
+    bar.close()
   # Every process contributes the same number of per-image rows (padding
   # rows have index -1), so they stack across processes.
   counter.pad(-(-total // process_count) - len(counter))
