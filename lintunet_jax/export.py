@@ -62,6 +62,7 @@ from jax import export as jax_export
 
 from lintunet_jax import metrics
 from lintunet_jax import paths
+from lintunet_jax.data import volume_config
 from lintunet_jax.data.datasets import transforms
 from lintunet_jax.evaluation import ensemble
 from lintunet_jax.evaluation import report as evaluation
@@ -132,10 +133,17 @@ def restore_members(workdirs: Sequence[str],
   if not workdirs:
     raise ExportError('at least one --workdir is required')
   try:
-    return ensemble.restore_members(workdirs, checkpoint,
-                                    overrides={'model.attention.kernel': KERNEL})
+    members = ensemble.restore_members(workdirs, checkpoint,
+                                       overrides={'model.attention.kernel': KERNEL})
   except ensemble.IncompatibleMembers as e:
     raise ExportError(str(e)) from None
+  if volume_config.is_volume_dataset(members[0].config):
+    raise ExportError(
+        f'{members[0].workdir} was trained on the slices of NIfTI volumes: the '
+        'artifact takes uint8 images, so it cannot hold the volume path '
+        '(normalisation with the training statistics, slicing, stacking); '
+        'predict these workdirs with predict.py, which writes NIfTI volumes')
+  return members
 
 
 def check_geometry(settings: sw.InferenceSettings, height: int, width: int,

@@ -25,8 +25,10 @@ Normalisation is nnU-Net's default per `channel_names` entry:
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -209,14 +211,12 @@ def _array(image, path: Path, dtype) -> np.ndarray:
     raise DataError(path, f'corrupt or truncated ({type(e).__name__}: {e})') from None
 
 
-def read_case(dataset: RawDataset, case: Case) -> Volume:
-  """The case's channels, label and geometry, checked for what breaks training.
-
-  Channels must share the label's shape and affine (nnU-Net checks the
-  same; a mismatch means the files do not describe the same voxels).
-  """
-  channels, affine, spacing, shape = [], None, None, None
-  for path in case.images:
+def read_channels(case_id: str, files: Sequence[Path]) -> tuple[Volume, Any]:
+  """One case's channel files -> (Volume without label, the first file's
+  NIfTI header), checked: 3-D, finite, one geometry for all channels.
+  (The header lets predictions be written with the input's own.)"""
+  channels, affine, spacing, shape, header = [], None, None, None, None
+  for path in files:
     image = _load(path)
     pixels = _array(image, path, np.float32)
     if not np.isfinite(pixels).all():
@@ -224,14 +224,27 @@ def read_case(dataset: RawDataset, case: Case) -> Volume:
       raise DataError(path, f'{bad} voxel(s) are NaN or infinite')
     if affine is None:
       affine, spacing, shape = image.affine, _spacing(image), pixels.shape
+      header = image.header
     else:
-      _same_geometry(path, case.images[0], pixels.shape, image.affine, shape, affine)
+      _same_geometry(path, files[0], pixels.shape, image.affine, shape, affine)
     channels.append(pixels)
-  label = None
+  volume = Volume(case_id, np.stack(channels, axis=-1), None,
+                  np.asarray(affine, dtype=np.float64), spacing)
+  return volume, header
+
+
+def read_case(dataset: RawDataset, case: Case) -> Volume:
+  """The case's channels, label and geometry, checked for what breaks training.
+
+  Channels must share the label's shape and affine (nnU-Net checks the
+  same; a mismatch means the files do not describe the same voxels).
+  """
+  volume, _ = read_channels(case.case_id, case.images)
   if case.label is not None:
     image = _load(case.label)
     raw = _array(image, case.label, np.float64)
-    _same_geometry(case.label, case.images[0], raw.shape, image.affine, shape, affine)
+    _same_geometry(case.label, case.images[0], raw.shape, image.affine,
+                   volume.image.shape[:3], volume.affine)
     declared = sorted(dataset.labels.values())
     values = np.unique(raw)
     unknown = [v for v in values.tolist() if v not in declared]
@@ -239,9 +252,66 @@ def read_case(dataset: RawDataset, case: Case) -> Volume:
       shown = ', '.join(f'{v:g}' for v in unknown[:10])
       raise DataError(case.label, f'label value(s) {shown} are not declared in '
                       f'{DATASET_JSON} (labels: {dict(dataset.labels)})')
-    label = raw.astype(np.uint8)
-  return Volume(case.case_id, np.stack(channels, axis=-1), label,
-                np.asarray(affine, dtype=np.float64), spacing)
+    volume.label = raw.astype(np.uint8)
+  return volume
+
+
+NIFTI_ENDINGS = ('.nii.gz', '.nii')
+_CHANNEL_FILE = re.compile(r'^(?P<case>.+)_(?P<channel>\d{4})(?P<ending>\.nii\.gz|\.nii)$')
+
+
+def is_nifti(path: str | os.PathLike) -> bool:
+  return os.fspath(path).endswith(NIFTI_ENDINGS)
+
+
+def prediction_cases(inputs: Sequence[str | os.PathLike],
+                     num_channels: int) -> list[Case]:
+  """Cases to predict, in nnU-Net's naming (`CASE_0000.nii.gz`,
+  `CASE_0001.nii.gz`, ... one file per channel): each input is a folder of
+  such files (imagesTs/) or one channel file, whose sibling channel files
+  are found by name. A case must have exactly `num_channels` files
+  (`_0000` .. `_{num_channels-1:04d}`); the error names what is missing or
+  extra."""
+  groups: dict[tuple[Path, str], dict[int, Path]] = {}
+  for given in inputs:
+    path = Path(os.path.expanduser(os.fspath(given)))
+    if paths.is_url(given):
+      raise ValueError(f'{os.fspath(given)}: volumes are read with nibabel, '
+                       'which reads local files only; copy them to a local disk')
+    if path.is_dir():
+      candidates = sorted(p for p in path.iterdir() if is_nifti(p))
+      if not candidates:
+        raise FileNotFoundError(f'{path}: no NIfTI file (.nii.gz, .nii) in this folder')
+    elif path.is_file():
+      match = _CHANNEL_FILE.match(path.name)
+      if match is None:
+        raise DataError(path, 'not named CASE_XXXX.nii.gz (nnU-Net\'s naming: '
+                        'one file per channel, _0000 for the first)')
+      candidates = sorted(path.parent.glob(f'{glob.escape(match["case"])}_*'))
+    else:
+      raise FileNotFoundError(f'{path}: no such file or folder')
+    for candidate in candidates:
+      match = _CHANNEL_FILE.match(candidate.name)
+      if match is None:
+        raise DataError(candidate, 'not named CASE_XXXX.nii.gz (nnU-Net\'s '
+                        'naming: one file per channel, _0000 for the first)')
+      group = groups.setdefault((candidate.parent, match['case']), {})
+      group[int(match['channel'])] = candidate.resolve()
+  cases = []
+  for (folder, case_id), files in sorted(groups.items()):
+    for channel in range(num_channels):
+      if channel not in files:
+        ending = Path(next(iter(files.values()))).name[len(case_id) + 5:]
+        raise DataError(folder / f'{case_id}_{channel:04d}{ending}',
+                        f'missing: the model reads {num_channels} channel(s), so '
+                        f'case {case_id!r} needs one file per channel')
+    extra = sorted(c for c in files if c >= num_channels)
+    if extra:
+      raise DataError(files[extra[0]], f'case {case_id!r} has channel {extra[0]} '
+                      f'but the model reads {num_channels} channel(s) '
+                      f'(_0000 .. _{num_channels - 1:04d})')
+    cases.append(Case(case_id, tuple(files[c] for c in range(num_channels)), None))
+  return cases
 
 
 def _same_geometry(path, reference_path, shape, affine, ref_shape, ref_affine) -> None:

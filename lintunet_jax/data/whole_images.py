@@ -27,15 +27,15 @@ from lintunet_jax.data.datasets import transforms
 
 
 def native_input(image: np.ndarray, config) -> np.ndarray:
-  """Raw uint8 [H, W] or [H, W, C] image -> normalised float32 [H, W, C]
+  """Raw uint8 [H, W] or [H, W, C] image, or a float32 volume slice
+  (already normalised), -> float32 model input [H, W, C]
   (C = config.dataset.channels) at the image's own size."""
   ds = config.dataset
   if ds.normalization not in transforms.NORMALIZATIONS:
     raise ValueError(f'config.dataset.normalization must be one of '
                      f'{transforms.NORMALIZATIONS}, got {ds.normalization!r}')
-  unit = transforms.to_unit_float(transforms.to_channels(np.asarray(image),
-                                                         ds.channels))
-  return np.asarray(transforms.normalize(unit, ds.normalization), np.float32)
+  return transforms.to_model_input(
+      transforms.to_channels(np.asarray(image), ds.channels), ds.normalization)
 
 
 def process_share(num_examples: int, process_index: int,

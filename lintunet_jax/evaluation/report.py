@@ -33,7 +33,6 @@ from flax import nnx
 from lintunet_jax import paths
 from lintunet_jax.training import checkpointing
 from lintunet_jax.data import pipeline as input_pipeline
-from lintunet_jax.data import volume_config
 from lintunet_jax.training import metric_logs as logging_utils
 from lintunet_jax import metrics as metrics_lib
 from lintunet_jax import models
@@ -507,13 +506,6 @@ def restore(workdir: str, checkpoint: str | int | None,
         raise EvaluationError(
             f'cannot apply --config.{key}={value!r} to the config of '
             f'{workdir!r}: {e}') from None
-    if volume_config.is_volume_dataset(loaded):
-      raise EvaluationError(
-          f'{workdir!r} was trained on the slices of NIfTI volumes '
-          f'(config.dataset.name={loaded.dataset.name!r}); predicting and '
-          'evaluating whole volumes per case is not available yet. Its '
-          'validation metrics (on the held-out cases\' slices) are in '
-          f'{workdir}/metrics.jsonl')
     try:
       models.check_backend(loaded.model)  # first: a config without a model says so
       input_pipeline.check_config(loaded)

@@ -41,15 +41,26 @@ _ALPHA = 0.45
 
 
 def _display_image(image: np.ndarray) -> np.ndarray:
-  """float RGB [H, W, 3] in 0..1 from any [H, W] / [H, W, C] image."""
+  """float RGB [H, W, 3] in 0..1 from any [H, W] / [H, W, C] image.
+
+  A multi-channel float image (a normalised volume slice of C modalities,
+  C not 1 or 3) shows its first channel, windowed to its 0.5..99.5
+  percentiles so one bright voxel does not turn the rest black; other
+  images their own min..max, as always.
+  """
+  image = np.asarray(image)
+  volume_slice = (np.issubdtype(image.dtype, np.floating) and image.ndim == 3
+                  and image.shape[-1] not in (1, 3))
   image = np.asarray(image, np.float64)
-  if image.ndim == 3 and image.shape[-1] == 1:
+  if image.ndim == 3 and (image.shape[-1] == 1 or volume_slice):
     image = image[..., 0]
   if image.ndim == 3:
     image = image[..., :3]
   finite = np.isfinite(image)
   low = image[finite].min() if finite.any() else 0.0
   high = image[finite].max() if finite.any() else 1.0
+  if volume_slice and finite.any():
+    low, high = np.percentile(image[finite], (0.5, 99.5))
   scaled = (np.where(finite, image, low) - low) / (high - low) if high > low \
       else np.zeros_like(image)
   if scaled.ndim == 2:

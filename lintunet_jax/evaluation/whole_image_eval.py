@@ -34,6 +34,7 @@ import ml_collections
 import numpy as np
 
 from lintunet_jax import paths
+from lintunet_jax.data import volume_config
 from lintunet_jax.data import whole_images
 from lintunet_jax.evaluation import case_metrics
 from lintunet_jax.evaluation import ensemble
@@ -163,6 +164,13 @@ def run(workdirs: str | Sequence[str], settings: eval_settings.EvalSettings, *,
   members = ensemble.restore_members(workdirs, settings.checkpoint, config, overrides)
   first = members[0]
   config = first.config
+  if volume_config.is_volume_dataset(config):
+    raise evaluation.EvaluationError(
+        f'{first.workdir!r} was trained on the slices of NIfTI volumes '
+        f'(config.dataset.name={config.dataset.name!r}); evaluating whole '
+        'volumes per case is not available yet. predict.py writes its '
+        'predictions as NIfTI volumes; the validation metrics on the held-out '
+        f"cases' slices are in {first.workdir}/metrics.jsonl")
   try:
     inference_settings = settings.inference.resolve(config)
   except ValueError as e:

@@ -9,7 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
+from PIL import Image
 
 from tests import train_testutil as tu
 
@@ -55,6 +58,35 @@ def test_volumes_quick_trains_on_the_synthetic_raw_dataset(tmp_path):
   assert refused.returncode == 2
   assert 'trained on the slices of NIfTI volumes' in refused.stderr
   assert 'Traceback' not in refused.stderr
+
+  # predict.py on the synthetic dataset's imagesTs: one label volume per
+  # case with the input's geometry.
+  images = tmp_path / 'data' / 'downloads' / 'manual' / 'nnunet_raw' / \
+      'Dataset990_SyntheticCTMR' / 'imagesTs'
+  out = tmp_path / 'predicted'
+  predicted = subprocess.run(
+      [sys.executable, str(tu.ROOT / 'predict.py'), f'--workdir={workdir}',
+       f'--input={images}', f'--output={out}', '--save_probabilities'],
+      env=tu.env(1), capture_output=True, text=True, timeout=300)
+  assert predicted.returncode == 0, predicted.stderr[-4000:]
+  assert 'volumes/s' in predicted.stdout and 'slices/s' in predicted.stdout
+  cases = sorted(p.name[:-len('_0000.nii.gz')] for p in images.glob('*_0000.nii.gz'))
+  assert sorted(p.name for p in out.glob('*.nii.gz')) == [f'{c}.nii.gz' for c in cases]
+  for case in cases:
+    written, source = (nib.load(str(out / f'{case}.nii.gz')),
+                       nib.load(str(images / f'{case}_0000.nii.gz')))
+    assert written.shape == source.shape
+    np.testing.assert_allclose(written.affine, source.affine, atol=1e-6)
+    assert set(np.unique(np.asarray(written.dataobj)).tolist()) <= {0, 1, 2}
+    assert np.load(out / f'{case}.npz')['probabilities'].shape == (3, *source.shape)
+  # 2-D images are refused for a volume workdir, with the reason.
+  png = tmp_path / 'slice.png'
+  Image.fromarray(np.zeros((20, 20), np.uint8)).save(png)
+  refused = subprocess.run(
+      [sys.executable, str(tu.ROOT / 'predict.py'), f'--workdir={workdir}',
+       f'--input={png}', f'--output={tmp_path / "png_out"}'],
+      env=tu.env(1), capture_output=True, text=True, timeout=300)
+  assert refused.returncode == 2 and 'not 2-D images' in refused.stderr
 
 
 @pytest.mark.slow
