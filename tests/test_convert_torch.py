@@ -23,22 +23,11 @@ import chex
 import numpy as np
 import pytest
 
-
-def _require(module: str):
-  """Imports a test-only dependency: skipped locally if absent, but under CI
-  (env CI set; CI installs requirements-torch.txt) a missing one fails, so
-  the parity tests can never be skipped there unnoticed."""
-  if os.environ.get('CI'):
-    try:
-      return __import__(module)
-    except ImportError as e:
-      pytest.fail(f'CI is set but {module!r} is not installed ({e}); CI must '
-                  'install requirements-torch.txt', pytrace=False)
-  return pytest.importorskip(module)
+from tests.optional_deps import require
 
 
-torch = _require('torch')
-_require('linformer')
+torch = require('torch')
+require('linformer')
 
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
 from flax import nnx  # pylint: disable=g-import-not-at-top,wrong-import-position

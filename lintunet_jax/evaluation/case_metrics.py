@@ -23,12 +23,17 @@ Conventions (also in every summary's `conventions`, docs/evaluation.md):
   prediction and the reference are both empty (nnU-Net), so `mean`
   (a nanmean over cases) leaves such cases out.
 * Boundary of a mask: its pixels with at least one 4-connected neighbour
-  outside the mask; pixels beyond the image's edge count as outside (a
-  mask touching the edge has a boundary there). This is MONAI's
-  `get_mask_edges` (binary erosion with scipy's default cross).
+  outside the mask (in 3-D volumes: voxels with a 6-connected one);
+  pixels beyond the image's edge count as outside (a mask touching the
+  edge has a boundary there). This is MONAI's `get_mask_edges` (binary
+  erosion with scipy's default cross).
 * Distances: Euclidean, from each boundary pixel of one mask to the
   nearest boundary pixel of the other (`distance_transform_edt`), in
-  pixels or in the units of `spacing=(dy, dx)`.
+  pixels or in the units of `spacing` (one size per axis: (dy, dx) for
+  images, the voxel size in mm for volumes, so NSD's tolerance and HD95
+  are then in mm). 3-D volumes are checked against MONAI's
+  `compute_surface_dice` and `compute_hausdorff_distance`
+  (tests/evaluation/test_case_metrics_3d.py).
 * NSD at `tolerance` (Nikolov et al. 2018): the share of both boundaries'
   pixels that lie within `tolerance` (<=) of the other boundary,
   (|{d_pr <= tol}| + |{d_rp <= tol}|) / (|B_pred| + |B_ref|). Boundary
@@ -66,7 +71,12 @@ HD_PERCENTILE = 95.0
 # the structure's own width still counts as wrong. Report the tolerance
 # with the number: NSD at different tolerances does not compare.
 DEFAULT_TOLERANCE = 2.0
-CROSS = ndimage.generate_binary_structure(2, 1)  # 4-connectivity
+CROSS = ndimage.generate_binary_structure(2, 1)  # 4-connectivity (2-D images)
+
+
+def _cross(ndim: int) -> np.ndarray:
+  """Face connectivity: 4 neighbours in 2-D, 6 in 3-D (MONAI's erosion)."""
+  return CROSS if ndim == 2 else ndimage.generate_binary_structure(ndim, 1)
 
 CONVENTIONS = (
     'per case (image) at its own size; classes 1..C-1 (binary models: 1), '
@@ -90,17 +100,19 @@ def foreground_classes(num_classes: int) -> list[int]:
 
 
 def boundary(mask: np.ndarray) -> np.ndarray:
-  """bool [H, W]: pixels of `mask` with a 4-neighbour outside it (or outside
-  the image: erosion's border_value=0)."""
+  """bool [H, W] (or [X, Y, Z]): pixels (voxels) of `mask` with a face
+  neighbour outside it (or outside the image: erosion's border_value=0)."""
   mask = np.asarray(mask, bool)
-  return mask & ~ndimage.binary_erosion(mask, structure=CROSS, border_value=0)
+  return mask & ~ndimage.binary_erosion(mask, structure=_cross(mask.ndim),
+                                        border_value=0)
 
 
 def _check_masks(predicted, truth, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
   predicted, truth = np.asarray(predicted), np.asarray(truth)
   for name, mask in (('predicted', predicted), ('truth', truth)):
-    if mask.ndim != 2:
-      raise ValueError(f'{name} must be a [H, W] class-id mask, got shape {mask.shape}')
+    if mask.ndim not in (2, 3):
+      raise ValueError(f'{name} must be a [H, W] or [X, Y, Z] class-id mask, '
+                       f'got shape {mask.shape}')
     if not (np.issubdtype(mask.dtype, np.integer) or mask.dtype == bool):
       raise ValueError(f'{name} must hold integer class ids, got dtype {mask.dtype}')
     limit = max(num_classes, 2)
@@ -120,10 +132,13 @@ def _crop(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   a neighbour outside the box, hence outside the mask, so it is a boundary
   pixel with or without the crop; and every boundary pixel (every zero of
   the distance transform's input) lies in the box."""
-  rows = np.flatnonzero((a | b).any(axis=1))
-  cols = np.flatnonzero((a | b).any(axis=0))
-  window = np.s_[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
-  return a[window], b[window]
+  both = a | b
+  window = []
+  for axis in range(both.ndim):
+    other = tuple(i for i in range(both.ndim) if i != axis)
+    kept = np.flatnonzero(both.any(axis=other))
+    window.append(slice(kept[0], kept[-1] + 1))
+  return a[tuple(window)], b[tuple(window)]
 
 
 def surface_distances(a: np.ndarray, b: np.ndarray,
@@ -169,17 +184,20 @@ def case_metrics(predicted, truth, *, num_classes: int, tolerance: float,
                  ) -> dict[str, dict[str, float | int]]:
   """One case's metrics per evaluated class: {'1': {'Dice': ..., ...}, ...}.
 
-  predicted, truth: int class-id masks [H, W] at the image's own size (0/1
-  for binary models). `tolerance`: NSD's, in pixels (or in the units of
-  `spacing=(dy, dx)`, the pixel size, when given). Counts are ints,
+  predicted, truth: int class-id masks [H, W] at the image's own size, or
+  [X, Y, Z] volumes (0/1 for binary models). `tolerance`: NSD's, in pixels
+  (or in the units of `spacing`, the pixel or voxel size per axis, e.g.
+  mm, when given). Counts are ints,
   the rest floats (NaN as the module docstring says). Raises ValueError
   on masks of different shapes or with class ids outside 0..C-1.
   """
   predicted, truth = _check_masks(predicted, truth, num_classes)
   if not tolerance >= 0:
     raise ValueError(f'tolerance must be >= 0, got {tolerance}')
-  if spacing is not None and (len(spacing) != 2 or not all(s > 0 for s in spacing)):
-    raise ValueError(f'spacing must be two positive numbers (dy, dx), got {spacing}')
+  ndim = predicted.ndim
+  if spacing is not None and (len(spacing) != ndim or not all(s > 0 for s in spacing)):
+    raise ValueError(f'spacing must be {ndim} positive numbers (one per axis), '
+                     f'got {spacing}')
   return {str(c): _class_metrics(predicted == c, truth == c, float(tolerance), spacing)
           for c in foreground_classes(num_classes)}
 

@@ -225,7 +225,7 @@ def test_bad_masks_are_refused():
   with pytest.raises(ValueError, match=r'outside 0\.\.1 \(num_classes=1\)'):  # 0/255 masks
     cm.case_metrics(np.eye(8, dtype=np.uint8) * 255, mask, num_classes=1, tolerance=1)
   with pytest.raises(ValueError, match=r'predicted must be a \[H, W\]'):
-    cm.case_metrics(mask[None], mask[None], num_classes=1, tolerance=1)
+    cm.case_metrics(mask[None, None], mask[None, None], num_classes=1, tolerance=1)
   with pytest.raises(ValueError, match=r'integer class ids'):
     cm.case_metrics(mask.astype(float), mask, num_classes=1, tolerance=1)
 
