@@ -88,7 +88,8 @@ _RESOLUTION = flags.DEFINE_enum(
 _NSD_TOLERANCE = flags.DEFINE_float(
     'nsd_tolerance', 2.0, 'Tolerance of the normalized surface Dice in the '
     "per-case metrics (--resolution native), in pixels of each image's own "
-    'size. Default 2: one pixel is the floor of any two delineations (hand '
+    'size (in mm for a workdir trained on NIfTI volumes, evaluated per volume). '
+    'Default 2: one pixel is the floor of any two delineations (hand '
     'drawing, the nearest-neighbour resize back), and a thin structure only a '
     'few pixels wide should not pass when off by its own width.', lower_bound=0.0)
 _COMPARE = flags.DEFINE_string(

@@ -98,3 +98,31 @@ def read_statistics(workdir: str) -> dict | None:
   """What `write_statistics` recorded, None for a workdir of other data."""
   path = paths.check(workdir, 'workdir') / STATISTICS_FILE
   return json.loads(path.read_text()) if path.exists() else None
+
+
+def split_cases(config, split: str) -> tuple[int, dict[str, tuple[list[float], list[int]]]]:
+  """(slicing axis, {case id: (spacing in mm, positions of its slices in
+  `split`, in slice order)}) of a prepared nnunet_raw split: what stacking
+  a case's slices back into its volume needs."""
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  builder = preparation.make_builder(config.dataset, config.model.num_classes)
+  recorded = nnunet_raw.stored_volumes(builder)
+  if recorded is None:
+    raise ValueError(f'{builder.data_path}: prepared without volume statistics; '
+                     'delete it and prepare again')
+  features = builder.info.features
+  keep = ('case_id', 'slice_index')
+  skip = {name: tfds.decode.SkipDecoding() for name in features.keys()
+          if name not in keep
+          and not isinstance(features[name], tfds.features.FeaturesDict)}
+  source = builder.as_data_source(split, decoders=skip)
+  slices: dict[str, list[tuple[int, int]]] = {}
+  for position in range(len(source)):
+    example = source[position]
+    case = example['case_id']
+    case = case.decode() if isinstance(case, bytes) else str(case)
+    slices.setdefault(case, []).append((int(example['slice_index']), position))
+  return int(recorded['slicing_axis']), {
+      case: ([float(v) for v in recorded['spacing'][case]],
+             [position for _, position in sorted(found)])
+      for case, found in slices.items()}

@@ -56,6 +56,13 @@ RESOLUTIONS = {
               "(the mask resized as for training); with resize='pad' the "
               "padding is not counted"),
 }
+# What the report's `conventions` say for each EvalOutput.resolution: the
+# eval.py choices above, and volume workdirs' per-volume evaluation.
+COUNTED_AT = {**RESOLUTIONS, 'volume': (
+    'per volume in 3-D: the slices of each case predicted and stacked back '
+    'across the training slicing axis, voxels counted over the whole volume '
+    '(num_images counts volumes); NSD tolerance and HD95 in mm from the '
+    'voxel spacing')}
 
 
 class EvaluationError(RuntimeError):
@@ -430,7 +437,7 @@ def build_report(member, split: str, output: EvalOutput, *,
       },
       'threshold': float(config.threshold),
       'resolution': output.resolution,
-      'conventions': (f'{RESOLUTIONS[output.resolution]}; loss at model '
+      'conventions': (f'{COUNTED_AT[output.resolution]}; loss at model '
                       f'resolution; {metrics_lib.CONVENTIONS}'),
       'metrics': metrics,
       'eval_seconds': output.seconds,
@@ -611,6 +618,8 @@ def _fmt(value, spec: str) -> str:
 def _resolution_label(report: dict) -> str:
   if report.get('resolution', 'model') == 'native':
     return 'native size'
+  if report['resolution'] == 'volume':
+    return 'per volume (3-D, mm)'
   size = report['data']['image_size']
   return f'model {size}x{size}'
 
@@ -631,6 +640,7 @@ def table_rows(report: dict) -> list[tuple[str, str]]:
   """(label, value) rows of one report, in the seed's table order."""
   m = report['metrics']
   ckpt = report['checkpoint']
+  per = 'volume' if report.get('resolution') == 'volume' else 'image'
   rows = [
       ('Checkpoint', f'{ckpt["requested"]} (step {ckpt["step"]})'),
       ('Counted at', _resolution_label(report)),
@@ -638,7 +648,7 @@ def table_rows(report: dict) -> list[tuple[str, str]]:
         if report.get('inference') else []),
       ('F1 (Dice)', _fmt(m['dice'], '.4f')),
       ('IoU (dataset)', _fmt(m['iou'], '.4f')),
-      ('IoU (per image)', _fmt(m['iou_per_image'], '.4f')),
+      (f'IoU (per {per})', _fmt(m['iou_per_image'], '.4f')),
       *case_rows(report),
       ('Precision', _fmt(m['precision'], '.4f')),
       ('Recall', _fmt(m['recall'], '.4f')),
@@ -649,7 +659,7 @@ def table_rows(report: dict) -> list[tuple[str, str]]:
     for c, v in enumerate(m['iou_per_class']):
       rows.append((f'  IoU class {c}', _fmt(v, '.4f')))
   rows.append(('Loss', _fmt(m.get('loss'), '.4f')))
-  rows.append(('Images', str(m['num_images'])))
+  rows.append((f'{per.capitalize()}s', str(m['num_images'])))
   t = report.get('throughput')
   if t:
     for b in t['batches']:
@@ -682,9 +692,10 @@ def case_rows(report: dict) -> list[tuple[str, str]]:
   if not cases:
     return []
   mean = cases['foreground_mean']
+  unit = 'mm' if report.get('resolution') == 'volume' else 'px'
   return [('Dice (case mean)', _fmt(mean['Dice'], '.4f')),
-          (f'NSD @ {cases["tolerance"]:g} px (case mean)', _fmt(mean['NSD'], '.4f')),
-          ('HD95 px (case mean)', _fmt(mean['HD95'], '.2f'))]
+          (f'NSD @ {cases["tolerance"]:g} {unit} (case mean)', _fmt(mean['NSD'], '.4f')),
+          (f'HD95 {unit} (case mean)', _fmt(mean['HD95'], '.2f'))]
 
 
 def format_table(reports: Sequence[dict], names: Sequence[str] | None = None) -> str:

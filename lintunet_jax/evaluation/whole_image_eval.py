@@ -42,6 +42,7 @@ from lintunet_jax.evaluation import settings as eval_settings
 from lintunet_jax.evaluation import report as evaluation
 from lintunet_jax.evaluation import sliding_window as sw
 from lintunet_jax.evaluation import stream
+from lintunet_jax.evaluation import volume_eval
 from lintunet_jax.training import parallel
 
 ImageHook = Callable[[int, np.ndarray, np.ndarray], None]
@@ -164,22 +165,28 @@ def run(workdirs: str | Sequence[str], settings: eval_settings.EvalSettings, *,
   members = ensemble.restore_members(workdirs, settings.checkpoint, config, overrides)
   first = members[0]
   config = first.config
-  if volume_config.is_volume_dataset(config):
-    raise evaluation.EvaluationError(
-        f'{first.workdir!r} was trained on the slices of NIfTI volumes '
-        f'(config.dataset.name={config.dataset.name!r}); evaluating whole '
-        'volumes per case is not available yet. predict.py writes its '
-        'predictions as NIfTI volumes; the validation metrics on the held-out '
-        f"cases' slices are in {first.workdir}/metrics.jsonl")
   try:
     inference_settings = settings.inference.resolve(config)
   except ValueError as e:
     raise evaluation.EvaluationError(str(e)) from None
   split = split or config.dataset.test_split
   mesh = mesh if mesh is not None else parallel.create_mesh()
+  volume = volume_config.is_volume_dataset(config)
   whole = (inference_settings.window or inference_settings.tta != 'none'
            or len(members) > 1)
-  if whole:
+  if volume:  # per case in 3-D, whatever the inference settings
+    if settings.resolution != 'native':
+      raise evaluation.EvaluationError(
+          f'resolution={settings.resolution!r}: a workdir trained on volume '
+          'slices is evaluated per volume, at native size only')
+    local_mesh = (mesh if jax.process_count() == 1
+                  else parallel.create_mesh(jax.local_devices()))
+    output = volume_eval.evaluate(
+        sw.make_predict_fn([m.model for m in members], inference_settings,
+                           mesh=local_mesh),
+        config, split, inference_settings, images_per_call=settings.batch_size,
+        tolerance=settings.nsd_tolerance, progress=settings.progress)
+  elif whole:
     if settings.resolution != 'native':
       raise evaluation.EvaluationError(
           f"resolution={settings.resolution!r} needs the model's own eval step; the "
@@ -219,7 +226,8 @@ def run(workdirs: str | Sequence[str], settings: eval_settings.EvalSettings, *,
                                  nsd_tolerance=settings.nsd_tolerance,
                                  case_names=case_names)
   inference = {**inference_settings.describe(),
-               'evaluated_by': ('whole_image_eval (make_predict_fn)' if whole
+               'evaluated_by': ('volume_eval (make_predict_fn, per volume)' if volume
+                                else 'whole_image_eval (make_predict_fn)' if whole
                                 else 'eval step (one model, no TTA)'),
                'members': [m.describe() for m in members]}
   return evaluation.finish(

@@ -52,12 +52,20 @@ def test_volumes_quick_trains_on_the_synthetic_raw_dataset(tmp_path):
   assert evals and all(r['num_images'] == val_cases * 14 for r in evals)  # every val slice
   statistics = json.loads((workdir / 'volume_statistics.json').read_text())
   assert [e['scheme'] for e in statistics['normalization']] == ['ct', 'zscore']
-  refused = subprocess.run(
+  # eval.py: per-volume 3-D metrics of the test split, NSD tolerance in mm.
+  report_path = tmp_path / 'eval' / 'report.json'
+  evaluated = subprocess.run(
       [sys.executable, str(tu.ROOT / 'eval.py'), f'--workdir={workdir}', '--nothroughput',
-       '--noprogress'], env=tu.env(1), capture_output=True, text=True, timeout=300)
-  assert refused.returncode == 2
-  assert 'trained on the slices of NIfTI volumes' in refused.stderr
-  assert 'Traceback' not in refused.stderr
+       '--noprogress', f'--report={report_path}'], env=tu.env(1), capture_output=True,
+      text=True, timeout=300)
+  assert evaluated.returncode == 0, evaluated.stderr[-4000:]
+  assert 'per volume (3-D, mm)' in evaluated.stdout and 'HD95 mm' in evaluated.stdout
+  report = json.loads(report_path.read_text())
+  assert report['resolution'] == 'volume' and report['metrics']['num_images'] == 3
+  cases = json.loads(report_path.with_suffix('.cases.json').read_text())
+  assert [c['case'] for c in cases['metric_per_case']] == ['synth_008', 'synth_009',
+                                                          'synth_010']
+  assert all(c['spacing'] == pytest.approx([0.8, 0.8, 3.0]) for c in cases['metric_per_case'])
 
   # predict.py on the synthetic dataset's imagesTs: one label volume per
   # case with the input's geometry.
