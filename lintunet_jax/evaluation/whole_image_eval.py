@@ -174,29 +174,24 @@ def run(workdirs: str | Sequence[str], settings: eval_settings.EvalSettings, *,
   volume = volume_config.is_volume_dataset(config)
   whole = (inference_settings.window or inference_settings.tta != 'none'
            or len(members) > 1)
-  if volume:  # per case in 3-D, whatever the inference settings
-    if settings.resolution != 'native':
-      raise evaluation.EvaluationError(
-          f'resolution={settings.resolution!r}: a workdir trained on volume '
-          'slices is evaluated per volume, at native size only')
-    local_mesh = (mesh if jax.process_count() == 1
-                  else parallel.create_mesh(jax.local_devices()))
-    output = volume_eval.evaluate(
-        sw.make_predict_fn([m.model for m in members], inference_settings,
-                           mesh=local_mesh),
-        config, split, inference_settings, images_per_call=settings.batch_size,
-        tolerance=settings.nsd_tolerance, progress=settings.progress)
-  elif whole:
-    if settings.resolution != 'native':
-      raise evaluation.EvaluationError(
-          f"resolution={settings.resolution!r} needs the model's own eval step; the "
-          'sliding window, TTA and ensembles count at native size only')
-    # Each process predicts its own images: the model calls are split over
-    # this process's devices only.
+  if (volume or whole) and settings.resolution != 'native':
+    raise evaluation.EvaluationError(f'resolution={settings.resolution!r}' + (
+        ': a workdir trained on volume slices is evaluated per volume' if volume
+        else " needs the model's own eval step; the sliding window, TTA and "
+        'ensembles count') + ' at native size only')
+  if volume or whole:
+    # Each process predicts its own images (cases): the model calls are
+    # split over this process's devices only.
     local_mesh = (mesh if jax.process_count() == 1
                   else parallel.create_mesh(jax.local_devices()))
     predict_fn = sw.make_predict_fn(
         [m.model for m in members], inference_settings, mesh=local_mesh)
+  if volume:  # per case in 3-D, whatever the inference settings
+    output = volume_eval.evaluate(
+        predict_fn, config, split, inference_settings,
+        images_per_call=settings.batch_size, tolerance=settings.nsd_tolerance,
+        progress=settings.progress)
+  elif whole:
     if case_names is None:
       case_names = evaluation.default_case_names(config, split)
     cases = case_metrics.CaseCollector(num_classes=config.model.num_classes,
