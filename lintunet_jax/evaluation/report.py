@@ -618,7 +618,7 @@ def _fmt(value, spec: str) -> str:
 def _resolution_label(report: dict) -> str:
   if report.get('resolution', 'model') == 'native':
     return 'native size'
-  if report['resolution'] == 'volume':
+  if report.get('resolution') == 'volume':
     return 'per volume (3-D, mm)'
   size = report['data']['image_size']
   return f'model {size}x{size}'
