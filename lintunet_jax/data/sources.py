@@ -17,6 +17,8 @@ examples (case ids) so folds and per-case results can refer to them.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -78,12 +80,7 @@ def case_ids(config, split: str) -> list[str]:
     field = next((name for name in (CASE_FIELD, 'file_name')
                   if name in features.keys()), None)
     if field is not None:
-      # Only the names are decoded, not the images.
-      skip = {name: tfds.decode.SkipDecoding() for name in features.keys()
-              if name != field
-              and not isinstance(features[name], tfds.features.FeaturesDict)}
-      names = _limited(config, split,
-                       builder.as_data_source(split, decoders=skip))
+      names = _limited(config, split, fields_only(builder, split, (field,)))
       ids = [_text(names[i][field]) for i in range(len(names))]
     else:
       ids = [str(i) for i in range(len(raw))]
@@ -97,6 +94,16 @@ def case_ids(config, split: str) -> list[str]:
           'cases for cross-validation; give the files unique names')
     _CASE_IDS[key] = ids
   return list(_CASE_IDS[key])
+
+
+def fields_only(builder, split: str, keep) -> Any:
+  """`split`'s data source decoding only the features `keep` (names, ids):
+  reading them for a whole split never decodes an image."""
+  features = builder.info.features
+  skip = {name: tfds.decode.SkipDecoding() for name in features.keys()
+          if name not in keep
+          and not isinstance(features[name], tfds.features.FeaturesDict)}
+  return builder.as_data_source(split, decoders=skip)
 
 
 def unique_case_ids(config, split: str) -> list[str]:

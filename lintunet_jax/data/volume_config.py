@@ -21,6 +21,7 @@ import json
 import ml_collections
 
 from lintunet_jax import paths
+from lintunet_jax.data import sources
 from lintunet_jax.data import volumes
 from lintunet_jax.data.datasets import nnunet_raw
 from lintunet_jax.data.datasets import preparation
@@ -104,18 +105,12 @@ def split_cases(config, split: str) -> tuple[int, dict[str, tuple[list[float], l
   """(slicing axis, {case id: (spacing in mm, positions of its slices in
   `split`, in slice order)}) of a prepared nnunet_raw split: what stacking
   a case's slices back into its volume needs."""
-  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   builder = preparation.make_builder(config.dataset, config.model.num_classes)
   recorded = nnunet_raw.stored_volumes(builder)
   if recorded is None:
     raise ValueError(f'{builder.data_path}: prepared without volume statistics; '
                      'delete it and prepare again')
-  features = builder.info.features
-  keep = ('case_id', 'slice_index')
-  skip = {name: tfds.decode.SkipDecoding() for name in features.keys()
-          if name not in keep
-          and not isinstance(features[name], tfds.features.FeaturesDict)}
-  source = builder.as_data_source(split, decoders=skip)
+  source = sources.fields_only(builder, split, ('case_id', 'slice_index'))
   slices: dict[str, list[tuple[int, int]]] = {}
   for position in range(len(source)):
     example = source[position]
