@@ -19,3 +19,14 @@ def require(module: str):
       pytest.fail(f'CI is set but {module!r} is not installed ({e}); CI must '
                   'install requirements-torch.txt', pytrace=False)
   return pytest.importorskip(module)
+
+
+def optional(module: str):
+  """Like `require`, for one check inside a bigger test: None locally if
+  absent (the rest of the test still runs), a failure under CI."""
+  if os.environ.get('CI'):
+    return require(module)
+  try:
+    return importlib.import_module(module)
+  except ImportError:
+    return None

@@ -1,6 +1,7 @@
 """configs/lintunet.py:volumes_quick end to end: train.py on the synthetic
 nnU-Net raw dataset (its default) and on a raw folder given as manual_dir,
-fold 0 of 5 by case; eval.py on the workdir stops with a clear message."""
+fold 0 of 5 by case; eval.py per volume, predict.py to NIfTI, and nnU-Net
+v2's own evaluation of those files giving eval.py's numbers."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import pytest
 from PIL import Image
 
 from tests import train_testutil as tu
+from tests.optional_deps import optional
 
 sys.path.insert(0, str(Path(__file__).parents[1] / 'data' / 'datasets'))
 from test_nnunet_raw import SHAPE, write_raw  # noqa: E402  pylint: disable=g-import-not-at-top
@@ -87,6 +89,30 @@ def test_volumes_quick_trains_on_the_synthetic_raw_dataset(tmp_path):
     np.testing.assert_allclose(written.affine, source.affine, atol=1e-6)
     assert set(np.unique(np.asarray(written.dataobj)).tolist()) <= {0, 1, 2}
     assert np.load(out / f'{case}.npz')['probabilities'].shape == (3, *source.shape)
+  # nnU-Net v2's own evaluation of predict.py's files against labelsTs
+  # gives eval.py's per-volume Dice, IoU and counts: the written volumes
+  # hold what eval.py scored, in the input's voxel order.
+  evaluation = optional('nnunetv2.evaluation.evaluate_predictions')
+  if evaluation is not None:
+    readers = optional('nnunetv2.imageio.simpleitk_reader_writer')
+    theirs = evaluation.compute_metrics_on_folder(
+        str(images.parent / 'labelsTs'), str(out), None, readers.SimpleITKIO(), '.nii.gz',
+        [1, 2], num_processes=1)
+    ours = json.loads(report_path.with_suffix('.cases.json').read_text())
+    assert len(theirs['metric_per_case']) == len(ours['metric_per_case']) == 3
+    assert all(c['metrics'][label]['n_pred'] > 0 for c in theirs['metric_per_case']
+               for label in (1, 2))  # something to compare
+    for mine, nnunet in zip(ours['metric_per_case'], theirs['metric_per_case']):
+      assert nnunet['prediction_file'].endswith(f'{mine["case"]}.nii.gz')
+      for label in (1, 2):
+        got, expected = mine['metrics'][str(label)], nnunet['metrics'][label]
+        for metric in ('TP', 'FP', 'FN', 'TN'):
+          assert got[metric] == expected[metric], (mine['case'], label, metric)
+        for metric in ('Dice', 'IoU'):
+          if np.isnan(expected[metric]):
+            assert got[metric] is None  # NaN is null in the JSON
+          else:
+            assert got[metric] == pytest.approx(expected[metric], abs=1e-6)
   # 2-D images are refused for a volume workdir, with the reason.
   png = tmp_path / 'slice.png'
   Image.fromarray(np.zeros((20, 20), np.uint8)).save(png)
