@@ -43,3 +43,13 @@ def test_missing_torch_skips_locally_and_fails_under_ci(ci):
   else:
     assert result.returncode == 5, output  # module skipped: no tests
     assert 'error' not in output.lower()
+
+
+def test_an_optional_check_is_left_out_locally_and_fails_under_ci(monkeypatch):
+  from tests.optional_deps import optional  # pylint: disable=g-import-not-at-top
+  monkeypatch.delenv('CI', raising=False)
+  assert optional('no_such_module_for_lintunet') is None
+  assert optional('json') is not None
+  monkeypatch.setenv('CI', 'true')
+  with pytest.raises(pytest.fail.Exception, match="CI is set but 'no_such_module"):
+    optional('no_such_module_for_lintunet')
