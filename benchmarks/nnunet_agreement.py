@@ -9,8 +9,10 @@ label volumes predict.py wrote, against the reference labels, writes
 nnU-Net's summary.json to --out, and checks that every case's voxel
 counts equal those eval.py reported in its per-case file (`--cases`) and
 that Dice agrees to 1e-6. Exits 1 on a disagreement. Needs nnunetv2
-(requirements-torch.txt). A script, not stdin: nnU-Net's pool starts
-processes by spawning, which re-imports the main module.
+(requirements-torch.txt). --cases and --out may be gs:// (where eval.py
+wrote its report); --labels and --predicted must be local folders, since
+nnU-Net's reader opens local files. A script, not stdin: nnU-Net's pool
+starts processes by spawning, which re-imports the main module.
 """
 
 from __future__ import annotations
@@ -18,7 +20,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import pathlib
 import sys
+import tempfile
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+  sys.path.insert(0, str(ROOT))
+
+from lintunet_jax import paths  # noqa: E402
 
 
 def _compare(ours: dict, theirs: dict, labels: list[int]) -> tuple[float, list[str]]:
@@ -52,14 +62,24 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument('--cases', required=True, help="eval.py's <report>.cases.json")
   parser.add_argument('--out', required=True, help="where to write nnU-Net's summary.json")
   args = parser.parse_args(argv)
+  for flag in ('labels', 'predicted'):
+    folder = getattr(args, flag)
+    if paths.is_url(folder):
+      parser.error(f'--{flag} {folder!r}: nnU-Net reads local files only; copy the '
+                   'folder to a local disk first (gcloud storage cp -r)')
+    if not pathlib.Path(folder).is_dir():
+      parser.error(f'--{flag} {folder!r} does not exist or is not a folder')
+  ours = json.loads(paths.check(args.cases, '--cases').read_text())
   # pylint: disable=g-import-not-at-top
-  from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
+  from nnunetv2.evaluation import evaluate_predictions as nnunet
   from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
-  with open(args.cases) as f:
-    ours = json.load(f)
   labels = sorted(int(c) for c in ours['metric_per_case'][0]['metrics'])
-  theirs = compute_metrics_on_folder(args.labels, args.predicted, args.out, SimpleITKIO(),
-                                     '.nii.gz', labels, num_processes=1)
+  theirs = nnunet.compute_metrics_on_folder(args.labels, args.predicted, None, SimpleITKIO(),
+                                            '.nii.gz', labels, num_processes=1)
+  with tempfile.TemporaryDirectory() as tmp:  # nnU-Net's own summary.json layout
+    local = pathlib.Path(tmp) / 'summary.json'
+    nnunet.save_summary_json(theirs, str(local))
+    paths.write_text(args.out, local.read_text())
   worst, problems = _compare(ours, theirs, labels)
   print(f'nnU-Net v2 on the written volumes: foreground Dice '
         f'{theirs["foreground_mean"]["Dice"]:.4f} (eval.py: '

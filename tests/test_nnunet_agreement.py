@@ -10,6 +10,8 @@ import copy
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).parents[1] / 'benchmarks'))
 import nnunet_agreement  # noqa: E402  pylint: disable=g-import-not-at-top
 
@@ -52,3 +54,17 @@ def test_each_kind_of_disagreement_is_reported():
   renamed['metric_per_case'][0]['prediction_file'] = '/x/pred/b.nii.gz'
   _, problems = nnunet_agreement._compare(ours, renamed, [1, 2])
   assert problems == ['a: no predicted file scored by nnU-Net']
+
+
+def test_folders_nnunet_cannot_read_are_refused_by_name(tmp_path, capsys):
+  cases = tmp_path / 'test.cases.json'
+  cases.write_text('{"metric_per_case": []}')
+  common = [f'--cases={cases}', f'--out={tmp_path / "summary.json"}']
+  with pytest.raises(SystemExit) as exit_info:
+    nnunet_agreement.main(['--labels=gs://bkt/labelsTs', f'--predicted={tmp_path}', *common])
+  assert exit_info.value.code == 2
+  assert "--labels 'gs://bkt/labelsTs': nnU-Net reads local files only" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    nnunet_agreement.main([f'--labels={tmp_path}', f'--predicted={tmp_path / "nope"}', *common])
+  assert 'does not exist or is not a folder' in capsys.readouterr().err
+  assert not (tmp_path / 'summary.json').exists()
