@@ -198,7 +198,7 @@ def predict_paths(model: nnx.Module | Sequence[nnx.Module],
             '--output folder that is not an input folder')
   out_dir.mkdir(parents=True, exist_ok=True)
   settings = settings or sliding_window.inference_settings(config)
-  batch_size = int(batch_size or (1 if settings.window else config.eval_batch_size))
+  batch_size = stream.images_per_call(batch_size, config, settings)
   batch_size = max(1, min(batch_size, len(files)))
   num_classes = config.model.num_classes
   members = list(model) if isinstance(model, (list, tuple)) else [model]

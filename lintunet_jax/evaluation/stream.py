@@ -33,6 +33,15 @@ from lintunet_jax.evaluation import sliding_window as sw
 
 IN_FLIGHT = 2  # calls queued on the device before the host drains the oldest
 
+
+def images_per_call(requested: int | None, config: ml_collections.ConfigDict,
+                    settings: sw.InferenceSettings) -> int:
+  """`requested`, or the default: with the window one image per call (its
+  tiles already fill the device, and images of their own sizes rarely
+  share a shape), else the eval batch."""
+  return int(requested or (1 if settings.window else config.eval_batch_size))
+
+
 def prepare(image: np.ndarray, config: ml_collections.ConfigDict,
             settings: sw.InferenceSettings) -> np.ndarray:
   """A stored or read image -> float32 model input: normalised at its own

@@ -34,6 +34,7 @@ from lintunet_jax.evaluation import report as evaluation
 from lintunet_jax.evaluation import sliding_window as sw
 from lintunet_jax.evaluation import stream
 
+
 def evaluate(predict_fn: Callable[[jax.Array], jax.Array],
              config: ml_collections.ConfigDict, split: str,
              settings: sw.InferenceSettings, *, images_per_call: int | None = None,
@@ -48,7 +49,7 @@ def evaluate(predict_fn: Callable[[jax.Array], jax.Array],
   evaluation.check_split(config, split)
   axis, cases = volume_config.split_cases(config, split)
   names = sorted(cases)
-  per_call = int(images_per_call or (1 if settings.window else config.eval_batch_size))
+  per_call = stream.images_per_call(images_per_call, config, settings)
   source = sources.source(config, split)
   counter = evaluation.NativeCounts(config.model.num_classes)
   entries = []

@@ -115,7 +115,7 @@ def predict_cases(predict_fn: Callable[[jax.Array], jax.Array],
   import tqdm  # pylint: disable=import-outside-toplevel
   out_dir = paths.check(out_dir, '--output')
   out_dir.mkdir(parents=True, exist_ok=True)
-  per_call = int(images_per_call or (1 if settings.window else config.eval_batch_size))
+  per_call = stream.images_per_call(images_per_call, config, settings)
   summary = VolumeSummary()
   start = time.perf_counter()
   for case in tqdm.tqdm(cases, desc='predict', unit='volume', disable=not progress):

@@ -73,9 +73,7 @@ def evaluate(predict_fn: Callable[[jax.Array], jax.Array],
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
   total = evaluation.check_split(config, split)
-  # With the window the tiles fill the device: one image per call.
-  images_per_call = int(images_per_call or (1 if settings.window
-                                            else config.eval_batch_size))
+  images_per_call = stream.images_per_call(images_per_call, config, settings)
   if images_per_call < 1:
     raise evaluation.EvaluationError(
         f'images per call must be >= 1, got {images_per_call}')
