@@ -79,18 +79,26 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return config
 
 
-def write_statistics(config, workdir: str) -> str | None:
-  """Copies the prepared dataset's normalisation statistics to the workdir
-  (process 0, after preparation); returns the path, None for other data."""
-  if not is_volume_dataset(config):
-    return None
+def _prepared_volumes(config):
+  """(builder, its recorded volume statistics) of the prepared dataset;
+  ValueError naming it when it was prepared without them."""
   builder = preparation.make_builder(config.dataset, config.model.num_classes)
   recorded = nnunet_raw.stored_volumes(builder)
   if recorded is None:
     raise ValueError(f'{builder.data_path}: prepared without volume statistics; '
                      'delete it and prepare again')
-  path = str(paths.check(workdir, 'workdir') / STATISTICS_FILE)
-  paths.check(workdir).mkdir(parents=True, exist_ok=True)
+  return builder, recorded
+
+
+def write_statistics(config, workdir: str) -> str | None:
+  """Copies the prepared dataset's normalisation statistics to the workdir
+  (process 0, after preparation); returns the path, None for other data."""
+  if not is_volume_dataset(config):
+    return None
+  _, recorded = _prepared_volumes(config)
+  folder = paths.check(workdir, 'workdir')
+  folder.mkdir(parents=True, exist_ok=True)
+  path = str(folder / STATISTICS_FILE)
   paths.write_text(path, json.dumps(recorded, indent=2) + '\n')
   return path
 
@@ -105,11 +113,7 @@ def split_cases(config, split: str) -> tuple[int, dict[str, tuple[list[float], l
   """(slicing axis, {case id: (spacing in mm, positions of its slices in
   `split`, in slice order)}) of a prepared nnunet_raw split: what stacking
   a case's slices back into its volume needs."""
-  builder = preparation.make_builder(config.dataset, config.model.num_classes)
-  recorded = nnunet_raw.stored_volumes(builder)
-  if recorded is None:
-    raise ValueError(f'{builder.data_path}: prepared without volume statistics; '
-                     'delete it and prepare again')
+  builder, recorded = _prepared_volumes(config)
   source = sources.fields_only(builder, split, ('case_id', 'slice_index'))
   slices: dict[str, list[tuple[int, int]]] = {}
   for position in range(len(source)):
